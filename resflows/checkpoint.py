@@ -1,0 +1,200 @@
+"""Checkpoints: our safe format, the paper's format through a guarded reader, and ``load_model``.
+
+Our format is a plain dict of tensors, state_dicts and primitives that loads with
+``torch.load(weights_only=True)``::
+
+    {'format': 'resflows', 'format_version': 1,
+     'config': TrainConfig as a dict, 'model_config': ModelConfig as a dict,
+     'model': state_dict, 'ema': state_dict or None, 'optimizer': ..., 'scheduler': ... or None,
+     'epoch': int, 'itr': int, 'best_test_bpd': float or None, 'last_test_bpd': float or None,
+     'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple}}
+
+Writes are atomic (temporary file in the same folder, flush, fsync, rename), so a crash never leaves a
+truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import zipfile
+from typing import Any, Dict, Optional
+
+import torch
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .legacy import NotACheckpointError, load_paper_checkpoint
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_save",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_model",
+    "rng_state",
+    "set_rng_state",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    if not state:
+        return
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """Write a checkpoint in our format; ``state`` holds the fields listed in the module docstring."""
+    payload = {"format": "resflows", "format_version": FORMAT_VERSION}
+    payload.update(state)
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read our format or the paper's, returning our layout (``format`` says which it was).
+
+    Raises :class:`CheckpointError` with a one-line message for a missing, truncated or foreign file.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    if zipfile.is_zipfile(path):
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception:  # noqa: BLE001 - not loadable safely: maybe the paper's pickled format
+            obj = None
+        if isinstance(obj, dict) and obj.get("format") == "resflows":
+            if obj.get("format_version", 0) > FORMAT_VERSION:
+                raise CheckpointError(f"{path}: written by a newer resflows (format {obj['format_version']}); upgrade resflows")
+            for key in ("config", "model_config", "model"):
+                if key not in obj:
+                    raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
+            return obj
+        if obj is not None:
+            raise CheckpointError(f"{path}: not a Residual Flows checkpoint (a plain tensor file without model and flags)")
+    elif not _looks_like_legacy_torch(path):
+        raise CheckpointError(f"{path}: not a checkpoint (neither a torch zip archive nor a legacy torch file; truncated?)")
+    try:
+        paper = load_paper_checkpoint(path)
+    except NotACheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    try:
+        config = TrainConfig.from_paper_args(paper["args"])
+        from .factory import model_config_from
+
+        model_config = model_config_from(config)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its saved flags do not describe a model we can build ({e})") from None
+    sd = {k: _to(v, map_location) for k, v in paper["state_dict"].items()}
+    ema = None
+    if paper["ema"] is not None:
+        ema = dict(sd)
+        ema.update({k: _to(v, map_location) for k, v in paper["ema"].items() if k in ema})
+    return {
+        "format": "paper",
+        "format_version": 0,
+        "config": config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "model": sd,
+        "ema": ema,
+        "optimizer": paper["optimizer_state_dict"],
+        "scheduler": None,
+        "epoch": None,
+        "itr": None,
+        "best_test_bpd": paper["test_bpd"],
+        "last_test_bpd": paper["test_bpd"],
+        "rng": None,
+    }
+
+
+def _to(t: torch.Tensor, map_location: Any) -> torch.Tensor:
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return t
+    return t.to(map_location)
+
+
+def _looks_like_legacy_torch(path: str) -> bool:
+    # Legacy torch files start with a pickled magic number: protocol-2 PROTO opcode then a LONG1.
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return len(head) == 4 and head[0] == 0x80 and head[2] == 0x8A
+
+
+def _build(path: str, ckpt: Dict[str, Any]):
+    from .model import ResidualFlow
+
+    try:
+        mcfg = ModelConfig.from_dict(ckpt["model_config"])
+        return ResidualFlow(mcfg)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
+
+
+def load_state(path: str, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "model") -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the file."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(s.strip() for s in first[1:3]) if len(first) > 1 else first[0]
+        raise CheckpointError(f"{path}: its {what} weights do not fit this architecture ({detail})") from None
+
+
+def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
+    """The model stored in a checkpoint (ours or the paper's), in eval mode, architecture taken from the file.
+
+    With ``ema=True`` the exponential-moving-average weights are used and every normalised layer's
+    power-iteration vectors are re-estimated to convergence for those weights.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    model = _build(path, ckpt)
+    if ema:
+        if ckpt.get("ema") is None:
+            raise CheckpointError(f"{path}: has no EMA weights; load it with ema=False")
+        load_state(path, model, ckpt["ema"], "EMA")
+    else:
+        load_state(path, model, ckpt["model"])
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        model.to(map_location)
+    if ema:
+        model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
+    return model.eval()

@@ -1,0 +1,272 @@
+"""Typed configuration. Strings from the command line (``"16-16-16"``, ``"3-1-3"``, ``"2222"``) are
+parsed here, once; layers and models only see ints, floats and tuples."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "parse_bool",
+    "parse_int_tuple",
+    "parse_vnorms",
+    "format_vnorms",
+]
+
+INF = float("inf")
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; the message names the flag and what to do."""
+
+
+def parse_bool(value: Any) -> bool:
+    """Strict boolean: True/False/true/false/1/0 (never ``eval``)."""
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip()
+    if s in ("True", "true", "1"):
+        return True
+    if s in ("False", "false", "0"):
+        return False
+    raise ValueError(f"expected True or False (or true/false/1/0), got {value!r}")
+
+
+def parse_int_tuple(value: Any, flag: str) -> Tuple[int, ...]:
+    """``"16-16-16"`` -> ``(16, 16, 16)``; positive integers joined by '-'."""
+    if isinstance(value, (tuple, list)):
+        items = list(value)
+    else:
+        items = str(value).strip().split("-")
+    try:
+        out = tuple(int(i) for i in items)
+    except ValueError:
+        raise ConfigError(f"{flag} must be positive integers joined by '-', like 16-16-16; got {value!r}") from None
+    if not out or any(i <= 0 for i in out):
+        raise ConfigError(f"{flag} must be positive integers joined by '-', like 16-16-16; got {value!r}")
+    return out
+
+
+def parse_vnorms(value: Any) -> Tuple[float, ...]:
+    """``"222f"`` -> ``(2., 2., 2., inf)``: one norm order per character, ``f`` = infinity."""
+    if isinstance(value, (tuple, list)):
+        return tuple(float(v) for v in value)
+    s = str(value).strip()
+    out = []
+    for ch in s:
+        if ch == "f":
+            out.append(INF)
+        elif ch.isdigit() and int(ch) >= 1:
+            out.append(float(ch))
+        else:
+            raise ConfigError(f"--vnorms takes one norm order per character (digits 1-9, or f for infinity), like 2222; got {value!r}")
+    if len(out) < 2:
+        raise ConfigError(f"--vnorms needs at least two orders (one more than the number of kernels); got {value!r}")
+    return tuple(out)
+
+
+def format_vnorms(vnorms: Tuple[float, ...]) -> str:
+    return "".join("f" if v == INF else str(int(v)) for v in vnorms)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`resflows.ResidualFlow`.
+
+    ``input_size`` is the (C, H, W) the data pipeline hands the model: image channels plus
+    ``--padding`` channels, before ``squeeze_first`` (which the model applies itself).
+    """
+
+    input_size: Tuple[int, int, int] = (3, 32, 32)
+    nblocks: Tuple[int, ...] = (16, 16, 16)
+    block: str = "resblock"
+    idim: int = 512
+    squeeze_first: bool = False
+    factor_out: bool = False
+    quadratic: bool = False
+    init_layer: Optional[str] = "logit"  # 'logit', 'normalize' or None
+    logit_alpha: float = 0.05
+    normalize_mean: Tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    normalize_std: Tuple[float, ...] = (0.2023, 0.1994, 0.2010)
+    actnorm: bool = True
+    fc_actnorm: bool = False
+    batchnorm: bool = False
+    dropout: float = 0.0
+    fc: bool = False
+    coeff: float = 0.98
+    vnorms: Tuple[float, ...] = (2.0, 2.0, 2.0, 2.0)
+    n_lipschitz_iters: Optional[int] = None
+    sn_tol: float = 1e-3
+    learn_p: bool = False
+    n_power_series: Optional[int] = None
+    n_dist: str = "poisson"
+    n_samples: int = 1
+    n_exact_terms: int = 2
+    neumann_grad: bool = True
+    mem_eff: bool = True
+    act: str = "swish"
+    kernels: Tuple[int, ...] = (3, 1, 3)
+    fc_end: bool = True
+    fc_nblocks: int = 4
+    fc_idim: int = 128
+    preact: bool = True
+    first_resblock: bool = True
+    classification: bool = False
+    n_classes: int = 10
+    cdim: int = 256
+
+    # Names of the fields that fix the architecture (state_dict keys and shapes).
+    ARCH_FIELDS = (
+        "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
+        "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels",
+        "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
+    )
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(i) for i in self.input_size)  # type: ignore[assignment]
+        self.nblocks = parse_int_tuple(self.nblocks, "--nblocks")
+        self.kernels = parse_int_tuple(self.kernels, "--kernels")
+        self.vnorms = parse_vnorms(self.vnorms)
+        self.normalize_mean = tuple(float(m) for m in self.normalize_mean)
+        self.normalize_std = tuple(float(s) for s in self.normalize_std)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.block not in ("resblock", "coupling"):
+            raise ConfigError(f"--block must be resblock or coupling, got {self.block!r}")
+        if self.block == "resblock" and len(self.vnorms) != len(self.kernels) + 1:
+            raise ConfigError(
+                f"--vnorms needs one more order than --kernels has kernels: --kernels {'-'.join(map(str, self.kernels))} "
+                f"has {len(self.kernels)}, so give {len(self.kernels) + 1} orders (e.g. {'2' * (len(self.kernels) + 1)}); "
+                f"got {format_vnorms(self.vnorms)}"
+            )
+        if any(k % 2 == 0 for k in self.kernels):
+            raise ConfigError(f"--kernels must be odd sizes (padding k//2 keeps the feature map), got {'-'.join(map(str, self.kernels))}")
+        if self.n_dist not in ("poisson", "geometric"):
+            raise ConfigError(f"--n-dist must be poisson or geometric, got {self.n_dist!r}")
+        if self.init_layer not in ("logit", "normalize", None):
+            raise ConfigError(f"unknown init layer {self.init_layer!r}")
+        if not 0 < self.coeff:
+            raise ConfigError(f"--coeff must be positive, got {self.coeff}")
+        if self.n_power_series is not None and self.n_power_series < 1:
+            raise ConfigError("--n-power-series must be a positive integer (or omitted for the unbiased estimator)")
+        if self.n_samples < 1:
+            raise ConfigError("--n-samples must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        c, h, w = self.input_size
+        if self.squeeze_first and (h % 2 or w % 2):
+            raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
+
+    # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
+    def to_dict(self) -> Dict[str, Any]:
+        d = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def architecture(self) -> Dict[str, Any]:
+        """The fields that fix the state_dict layout."""
+        d = self.to_dict()
+        return {k: d[k] for k in self.ARCH_FIELDS}
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainConfig:
+    """Every ``train_img.py`` flag (SPEC section 1) plus ours, typed. Field names are the paper's
+    argparse destinations, so a paper checkpoint's ``args`` maps onto it directly."""
+
+    data: str = "cifar10"
+    dataroot: str = "data"
+    imagesize: Optional[int] = None  # None: the dataset's native size (32 for the torchvision datasets)
+    nbits: int = 8
+    block: str = "resblock"
+    coeff: float = 0.98
+    vnorms: str = "2222"
+    n_lipschitz_iters: Optional[int] = None
+    sn_tol: float = 1e-3
+    learn_p: bool = False
+    n_power_series: Optional[int] = None
+    factor_out: bool = False
+    n_dist: str = "poisson"
+    n_samples: int = 1
+    n_exact_terms: int = 2
+    var_reduc_lr: float = 0.0
+    neumann_grad: bool = True
+    mem_eff: bool = True
+    act: str = "swish"
+    idim: int = 512
+    nblocks: str = "16-16-16"
+    squeeze_first: bool = False
+    actnorm: bool = True
+    fc_actnorm: bool = False
+    batchnorm: bool = False
+    dropout: float = 0.0
+    fc: bool = False
+    kernels: str = "3-1-3"
+    logit_transform: bool = True
+    add_noise: bool = True
+    quadratic: bool = False
+    fc_end: bool = True
+    fc_idim: int = 128
+    preact: bool = True
+    padding: int = 0
+    padding_dist: str = "uniform"
+    first_resblock: bool = True
+    cdim: int = 256
+    optimizer: str = "adam"
+    scheduler: bool = False
+    nepochs: int = 1000
+    batchsize: int = 64
+    lr: float = 1e-3
+    wd: float = 0.0
+    warmup_iters: int = 1000
+    annealing_iters: int = 0
+    save: str = "experiment1"
+    val_batchsize: int = 200
+    seed: Optional[int] = None
+    ema_val: bool = True
+    update_freq: int = 1
+    task: str = "density"
+    scale_dim: bool = False
+    rcrop_pad_mode: str = "reflect"
+    resume: Optional[str] = None
+    begin_epoch: int = 0
+    nworkers: int = 4
+    print_freq: int = 20
+    vis_freq: int = 500
+    # Ours.
+    max_iters: Optional[int] = None
+    evaluate: bool = False
+    sample: int = 0
+    temp: float = 1.0
+    nrow: Optional[int] = None
+    device: str = "auto"
+    compile: bool = False
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_paper_args(cls, args: Dict[str, Any]) -> "TrainConfig":
+        """Map the ``argparse.Namespace`` saved in a paper checkpoint (read as a dict) onto our config.
+        Unknown keys are ignored; values keep their meaning (SPEC section 1)."""
+        cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
+        # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
+        return cfg

@@ -1,0 +1,327 @@
+"""Dataset registry: every ``--data`` choice, its traits, and loaders that fail with clear messages.
+
+Every dataset yields pixel *levels* (integers ``0 .. nvals-1``) that are augmented and dequantised here:
+``x = (k + u) / nvals`` with ``u ~ U[0, 1)`` (``--add-noise``), else ``k / (nvals - 1)``. All randomness of
+an item (flip, crop, dequantisation noise, padding channels) comes from a generator seeded by
+``(seed, epoch, index)``, so a run is reproducible whatever the number of DataLoader workers or ranks,
+and a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "DataNotFoundError",
+    "ImageLevelsDataset",
+    "PthImages",
+    "DigitsImages",
+    "get_spec",
+    "build_dataset",
+    "digits_arrays",
+]
+
+Tensor = torch.Tensor
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says where to put them or how to build them."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources of uint8 level images
+# ------------------------------------------------------------------------------------------------
+class PthImages(Dataset):
+    """A ``.pth`` file holding a uint8 ``[N, C, H, W]`` tensor (SPEC section 5); labels are 0.
+
+    The file is memory-mapped, so ImageNet-sized arrays are read image by image instead of loaded
+    whole. ``start``/``stop`` select a slice (celeba_5bit's reference test split is the first 5000).
+    """
+
+    def __init__(self, path: str, script_hint: str = "", start: int = 0, stop: Optional[int] = None):
+        if not os.path.isfile(path):
+            hint = f" Build it with {script_hint}." if script_hint else ""
+            raise DataNotFoundError(f"dataset file {path} not found.{hint} See README.md, section Preprocessing.")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means a bad file
+            raise DataNotFoundError(f"{path} is not a readable .pth tensor file ({type(e).__name__}: {e}).") from None
+        if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.dtype != torch.uint8:
+            desc = f"{data.dtype} tensor of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+            raise DataNotFoundError(f"{path} must hold a uint8 tensor [N, C, H, W]; it holds a {desc}.")
+        self.data = data[start:stop]
+        self.path = path
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        return self.data[i].clone(), 0
+
+
+def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as uint8 levels 0..16 ([1797, 8, 8]) and labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - depends on the install
+        raise DataNotFoundError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    return d.images.astype(np.uint8), d.target.astype(np.int64)
+
+
+class DigitsImages(Dataset):
+    """scikit-learn's 8x8 digits (17 grey levels): the first 1500 train, the last 297 test.
+    ``imagesize`` > 8 upsamples by nearest neighbour (integer factor), keeping the 17 levels."""
+
+    N_TRAIN = 1500
+
+    def __init__(self, train: bool, imagesize: int = 8):
+        if imagesize % 8:
+            raise ValueError(f"--imagesize for digits must be a multiple of 8 (native 8x8), got {imagesize}")
+        images, labels = digits_arrays()
+        sl = slice(0, self.N_TRAIN) if train else slice(self.N_TRAIN, None)
+        x = torch.from_numpy(images[sl]).unsqueeze(1)
+        if imagesize != 8:
+            x = x.repeat_interleave(imagesize // 8, 2).repeat_interleave(imagesize // 8, 3)
+        self.data, self.labels = x.contiguous(), torch.from_numpy(labels[sl])
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        return self.data[i].clone(), int(self.labels[i])
+
+
+class _TorchvisionImages(Dataset):
+    """A torchvision dataset resized with PIL and returned as uint8 levels."""
+
+    def __init__(self, ds, imagesize: int):
+        from torchvision import transforms
+
+        self.ds = ds
+        self.tf = transforms.Compose([transforms.Resize(imagesize), transforms.CenterCrop(imagesize), transforms.PILToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        img, y = self.ds[i]
+        return self.tf(img), int(y)
+
+
+_TV_FILES = {
+    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+              "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four .gz files, or their extracted idx files)"),
+    "cifar10": ("cifar-10-batches-py", ["data_batch_1", "...", "data_batch_5", "test_batch"],
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it there)"),
+    "svhn": (".", ["train_32x32.mat", "test_32x32.mat"], "http://ufldl.stanford.edu/housenumbers/"),
+}
+
+
+def _gunzip_mnist(root: str) -> None:
+    # Users often drop the .gz files in place; torchvision only looks for the extracted ones.
+    raw = os.path.join(root, "MNIST", "raw")
+    for name in _TV_FILES["mnist"][1]:
+        target, gz = os.path.join(raw, name), os.path.join(raw, name + ".gz")
+        if not os.path.exists(target) and os.path.exists(gz):
+            with gzip.open(gz, "rb") as src, open(target + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(target + ".part", target)
+
+
+def _torchvision(name: str, root: str, train: bool):
+    from torchvision import datasets as tvd
+
+    if name == "mnist":
+        _gunzip_mnist(root)
+
+    def make(download: bool):
+        if name == "mnist":
+            return tvd.MNIST(root, train=train, download=download)
+        if name == "cifar10":
+            return tvd.CIFAR10(root, train=train, download=download)
+        return tvd.SVHN(root, split="train" if train else "test", download=download)
+
+    try:
+        return make(False)
+    except (RuntimeError, OSError):
+        pass
+    try:
+        return make(True)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, disk: all mean "files missing"
+        sub, files, url = _TV_FILES[name]
+        folder = os.path.normpath(os.path.join(root, sub))
+        raise DataNotFoundError(
+            f"{name} is not under {folder} and could not be downloaded ({type(e).__name__}). "
+            f"Place {', '.join(files)} in {folder} (from {url}), or run once with internet access."
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation, dequantisation, padding
+# ------------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (splitmix64 steps), stable across processes."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _flip(k: Tensor, g: torch.Generator) -> Tensor:
+    return k.flip(-1) if torch.rand((), generator=g) < 0.5 else k
+
+
+def _random_crop(pad: int, mode: str) -> Callable[[Tensor, torch.Generator], Tensor]:
+    from torchvision.transforms import functional as TF
+
+    def crop(k: Tensor, g: torch.Generator) -> Tensor:
+        h, w = k.shape[-2:]
+        padded = TF.pad(k, [pad, pad, pad, pad], padding_mode=mode)
+        i = int(torch.randint(0, 2 * pad + 1, (), generator=g))
+        j = int(torch.randint(0, 2 * pad + 1, (), generator=g))
+        return padded[..., i : i + h, j : j + w]
+
+    return crop
+
+
+class ImageLevelsDataset(Dataset):
+    """Augments and dequantises a source of level images; deterministic per (seed, epoch, index)."""
+
+    def __init__(self, source: Dataset, nvals: int, augment: Tuple[Callable, ...] = (), add_noise: bool = True,
+                 padding: int = 0, padding_dist: str = "uniform", seed: int = 0, levels_from: int = 256):
+        self.source, self.nvals, self.augment = source, nvals, tuple(augment)
+        self.add_noise, self.padding, self.padding_dist = add_noise, padding, padding_dist
+        self.seed, self.epoch = seed, 0
+        # Bit reduction (celebahq --nbits): source levels 0..levels_from-1 -> 0..nvals-1.
+        self.shift = int(round(math.log2(levels_from // nvals))) if levels_from > nvals else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Tuple[Tensor, int]:
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, i))
+        k, y = self.source[i]
+        for aug in self.augment:
+            k = aug(k, g)
+        if self.shift:
+            k = torch.div(k, 2**self.shift, rounding_mode="floor")
+        x = k.to(torch.float32)
+        if self.add_noise:
+            x = (x + torch.rand(x.shape, generator=g)) / self.nvals
+        else:
+            x = x / (self.nvals - 1)
+        if self.padding:
+            shape = (self.padding, *x.shape[1:])
+            if self.padding_dist == "uniform":
+                u = torch.rand(shape, generator=g)
+            else:
+                u = torch.randn(shape, generator=g) * (self.nvals / 8) + self.nvals / 2
+            x = torch.cat([x, u / self.nvals], 0)
+        return x, y
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the model and the loss need to know about a dataset."""
+
+    name: str
+    im_dim: int
+    n_classes: int
+    native_size: int
+    forced_size: bool  # the paper forces this image size whatever --imagesize says
+    logit_alpha: float
+    nvals_fixed: Optional[int] = None  # None: 2**nbits (celebahq)
+
+    def nvals(self, nbits: int = 8) -> int:
+        return self.nvals_fixed if self.nvals_fixed is not None else 2**nbits
+
+    def resolve_size(self, imagesize: Optional[int]) -> int:
+        if self.forced_size or imagesize is None:
+            return self.native_size
+        return int(imagesize)
+
+
+DATASETS = {
+    "mnist": DatasetSpec("mnist", 1, 10, 28, False, 1e-6, 256),
+    "cifar10": DatasetSpec("cifar10", 3, 10, 32, False, 0.05, 256),
+    "svhn": DatasetSpec("svhn", 3, 10, 32, False, 0.05, 256),
+    "celebahq": DatasetSpec("celebahq", 3, 1, 256, True, 0.05, None),
+    "celeba_5bit": DatasetSpec("celeba_5bit", 3, 1, 64, True, 0.05, 32),
+    "imagenet32": DatasetSpec("imagenet32", 3, 1, 32, True, 0.05, 256),
+    "imagenet64": DatasetSpec("imagenet64", 3, 1, 64, True, 0.05, 256),
+    "digits": DatasetSpec("digits", 1, 10, 8, False, 0.05, 17),
+}
+
+_PTH = {
+    # name: (train file, test file, script that builds them) -- relative to --dataroot
+    "celebahq": ("celebahq/celeba256_train.pth", "celebahq/celeba256_validation.pth",
+                 "preprocessing/extract_celeba_from_tfrecords.py"),
+    "celeba_5bit": ("celebahq64_5bit/celeba_full_64x64_5bit.pth", "celebahq64_5bit/celeba_full_64x64_5bit.pth",
+                    "preprocessing/convert_to_pth.py celebahq64_5bit/celeba_full_64x64_5bit.npy"),
+    "imagenet32": ("imagenet32/train_32x32.pth", "imagenet32/valid_32x32.pth",
+                   "preprocessing/create_imagenet_benchmark_datasets.py"),
+    "imagenet64": ("imagenet64/train_64x64.pth", "imagenet64/valid_64x64.pth",
+                   "preprocessing/create_imagenet_benchmark_datasets.py"),
+}
+
+CELEBA_5BIT_TEST = 5000  # the reference uses the first 5000 images as its test set (they overlap train)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown --data {name!r}; choose from {', '.join(DATASETS)}") from None
+
+
+def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Optional[int] = None, nbits: int = 8,
+                  task: str = "density", add_noise: bool = True, padding: int = 0, padding_dist: str = "uniform",
+                  rcrop_pad_mode: str = "reflect", seed: int = 0) -> ImageLevelsDataset:
+    """The train or test split of ``--data name`` as dequantised float images in [0, 1] and labels."""
+    spec = get_spec(name)
+    size = spec.resolve_size(imagesize)
+    augment: list = []
+    levels_from = spec.nvals(nbits)
+    classification = task in ("classification", "hybrid")
+    if name == "digits":
+        source: Dataset = DigitsImages(train, size)
+    elif name in ("mnist", "cifar10", "svhn"):
+        source = _TorchvisionImages(_torchvision(name, dataroot, train), size)
+        if train and name == "cifar10":
+            if classification:
+                augment.append(_random_crop(4, rcrop_pad_mode))
+            augment.append(_flip)
+        if train and name == "svhn" and classification:
+            augment.append(_random_crop(4, rcrop_pad_mode))
+    else:
+        train_file, test_file, script = _PTH[name]
+        path = os.path.join(dataroot, train_file if train else test_file)
+        if name == "celeba_5bit":
+            source = PthImages(path, script) if train else PthImages(path, script, 0, CELEBA_5BIT_TEST)
+        else:
+            source = PthImages(path, script)
+        if name == "celebahq":
+            levels_from = 256
+        if train and name in ("celebahq", "celeba_5bit"):
+            augment.append(_flip)
+    return ImageLevelsDataset(source, spec.nvals(nbits), tuple(augment), add_noise, padding, padding_dist, seed,
+                              levels_from=levels_from)

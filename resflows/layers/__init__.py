@@ -1,0 +1,31 @@
+"""Flow layers of resflows. Every flow layer follows :class:`resflows.layers.base.FlowLayer`:
+``forward(x) -> (y, log|det dy/dx|[B])`` and ``inverse(y) -> (x, log|det dx/dy|[B])``."""
+from .actnorm import ActNorm1d, ActNorm2d
+from .activations import ACTIVATIONS, CLipSwish, FullSort, Identity, LipschitzCube, LipSwish, MaxMin, Swish, make_activation
+from .base import FlowLayer, SequentialFlow
+from .coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
+from .elemwise import LogitTransform, Normalize
+from .glow import InvertibleConv2d, InvertibleLinear
+from .iresblock import InverseNotConvergedWarning, iResBlock
+from .lipschitz import (
+    InducedNormConv2d,
+    InducedNormLinear,
+    LopConv2d,
+    LopLinear,
+    get_conv2d,
+    get_linear,
+    lipschitz_layers,
+    update_lipschitz,
+)
+from .normalization import MovingBatchNorm1d, MovingBatchNorm2d
+from .squeeze import SqueezeLayer
+
+__all__ = [
+    "FlowLayer", "SequentialFlow", "iResBlock", "InverseNotConvergedWarning",
+    "InducedNormLinear", "InducedNormConv2d", "LopLinear", "LopConv2d", "get_linear", "get_conv2d",
+    "lipschitz_layers", "update_lipschitz",
+    "LipSwish", "Swish", "CLipSwish", "Identity", "FullSort", "MaxMin", "LipschitzCube", "ACTIVATIONS", "make_activation",
+    "ActNorm1d", "ActNorm2d", "SqueezeLayer", "LogitTransform", "Normalize",
+    "MovingBatchNorm1d", "MovingBatchNorm2d", "InvertibleLinear", "InvertibleConv2d",
+    "CouplingBlock", "ChannelCouplingBlock", "MaskedCouplingBlock",
+]

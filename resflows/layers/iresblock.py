@@ -1,0 +1,386 @@
+"""The invertible residual block ``y = x + g(x)`` and its log-determinant estimators.
+
+For ``Lip(g) < 1`` (Behrmann et al. 2019) the block is invertible and
+
+    log|det(I + J_g)| = sum_{k>=1} (-1)^{k+1} / k * tr(J_g^k).                     (Chen et al. 2019, eq. 6)
+
+Residual Flows estimate this without bias with a Hutchinson probe ``v ~ N(0, I)`` (``tr(A) = E v^T A v``)
+and a Russian-roulette truncation: draw ``N`` (Poisson or geometric), keep ``n_exact_terms`` terms with
+weight 1 and weight term ``k`` by ``1[N >= k - n_exact] / P(N >= k - n_exact)`` (eq. 7), so every term
+has expectation-one weight and the estimate is unbiased.
+
+Gradients (Sec. 3.3): ``d log det(I + J) = tr((I + J)^{-1} dJ)`` with the Neumann series
+``(I + J)^{-1} = sum_k (-J)^k`` truncated by the same roulette (eq. 8). Only one Jacobian-vector product
+carries a graph, so memory does not grow with the number of terms. With ``grad_in_forward`` (the paper's
+"backward-in-forward", our ``--mem-eff``) the estimator's graph never outlives one block: the series runs
+without a graph in the forward pass and the single differentiated product is formed in this block's own
+backward pass, weighted by each sample's own upstream gradient (the paper's code scaled every sample by
+the first sample's; see SPEC section 7.1).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .base import FlowLayer
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "iResBlock",
+    "roulette_weights",
+    "geometric_tail",
+    "poisson_tail",
+    "batch_jacobian",
+    "InverseNotConvergedWarning",
+]
+
+
+class InverseNotConvergedWarning(RuntimeWarning):
+    """The fixed-point inverse of a residual block stopped at its iteration cap."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Russian roulette
+# ------------------------------------------------------------------------------------------------
+def geometric_tail(p: float, k: int) -> float:
+    """P(N >= k) for N ~ Geometric(p) on {1, 2, ...}."""
+    return (1.0 - p) ** max(k - 1, 0)
+
+
+def poisson_tail(lamb: float, k: int) -> float:
+    """P(N >= k) for N ~ Poisson(lamb)."""
+    if k <= 0:
+        return 1.0
+    cdf = sum(math.exp(-lamb) * lamb**i / math.factorial(i) for i in range(k))
+    return max(1.0 - cdf, 0.0)
+
+
+def roulette_weights(draws: Sequence[int], n_exact: int, tail: Callable[[int], float]) -> List[float]:
+    """Weights w_1..w_K of the series terms, K = max(draws) + n_exact (eq. 7):
+    w_k = 1 for k <= n_exact, else mean_i 1[N_i >= k - n_exact] / P(N >= k - n_exact)."""
+    draws = [int(d) for d in draws]
+    n_terms = max(draws) + n_exact
+    weights = []
+    for k in range(1, n_terms + 1):
+        if k <= n_exact:
+            weights.append(1.0)
+        else:
+            m = k - n_exact
+            frac = sum(d >= m for d in draws) / len(draws)
+            weights.append(frac / tail(m))
+    return weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact Jacobians (small inputs)
+# ------------------------------------------------------------------------------------------------
+def batch_jacobian(g: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
+    """Per-example Jacobian dg/dx as ``[B, D_out, D_in]``, one vector-Jacobian product per output
+    dimension. Assumes examples do not interact inside ``g``."""
+    b = x.shape[0]
+    g_flat = g.reshape(b, -1)
+    rows = []
+    for d in range(g_flat.shape[1]):
+        (row,) = torch.autograd.grad(g_flat[:, d].sum(), x, create_graph=create_graph, retain_graph=True)
+        rows.append(row.reshape(b, 1, -1))
+    return torch.cat(rows, 1)
+
+
+def _batch_trace(m: Tensor) -> Tensor:
+    return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-example inner product."""
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def _bcast(w: Tensor, like: Tensor) -> Tensor:
+    return w.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Power series with a Hutchinson probe
+# ------------------------------------------------------------------------------------------------
+def _series(vjp: Callable[[Tensor], Tensor], v: Tensor, weights: Sequence[float], neumann: bool):
+    """Run the series without a graph. Returns (estimate, neumann_vector or None):
+    estimate = sum_k (-1)^{k+1} w_k / k * v^T J^k v and, for the Neumann gradient,
+    neumann_vector = sum_{k=0}^{K} (-1)^k w_k v^T J^k  (w_0 = 1)."""
+    estimate = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    w_t = v
+    nv = v.clone() if neumann else None
+    for k, w in enumerate(weights, start=1):
+        w_t = vjp(w_t)  # v^T J^k
+        estimate = estimate + ((-1) ** (k + 1)) * w / k * _dot(w_t, v)
+        if neumann:
+            nv.add_(w_t, alpha=((-1) ** k) * w)
+    return estimate, nv
+
+
+class _DeferredLogDet(torch.autograd.Function):
+    """Log-det estimate whose gradient is formed in this block's backward pass (``--mem-eff``).
+
+    Forward: ``g = nnet(x)`` with its graph, the series without a graph. Backward: one
+    differentiated Jacobian-vector product weighted per sample by the upstream gradient, then a
+    single combined backward for ``g`` and the log-det. Exact for any loss.
+    """
+
+    @staticmethod
+    def forward(ctx, block: "iResBlock", x: Tensor, v: Tensor, weights: List[float], *params: Tensor):
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            g = block.nnet(x_)
+        vjp = lambda w: torch.autograd.grad(g, x_, w, retain_graph=True)[0]  # noqa: E731
+        with torch.no_grad():
+            estimate, nv = _series(vjp, v, weights, neumann=block.neumann_grad)
+        # Plain attributes, not save_for_backward: g must keep its graph for the backward pass.
+        ctx.block, ctx.g, ctx.x, ctx.v, ctx.nv, ctx.weights = block, g, x_, v, nv, weights
+        return g.detach(), estimate
+
+    @staticmethod
+    def backward(ctx, grad_g: Tensor, grad_logdet: Tensor):
+        block, g, x_, v, nv = ctx.block, ctx.g, ctx.x, ctx.v, ctx.nv
+        params = [p for p in block.nnet.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            if block.neumann_grad:
+                (vjp_jac,) = torch.autograd.grad(g, x_, nv * _bcast(grad_logdet, nv), create_graph=True, retain_graph=True)
+                logdet_term = (vjp_jac * v).sum()
+            else:
+                # The plain series needs its graph: rebuild it for this block only.
+                logdet = _basic_series_with_graph(g, x_, v, ctx.weights)
+                logdet_term = (logdet * grad_logdet).sum()
+            total = logdet_term + (g * grad_g).sum()
+            grads = torch.autograd.grad(total, [x_] + params, allow_unused=True)
+        ctx.g = ctx.x = ctx.v = ctx.nv = None  # free this block's graph now
+        grad_x, grad_params = grads[0], grads[1:]
+        grad_params = [torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, grad_params)]
+        return (None, grad_x, None, None, *grad_params)
+
+
+def _basic_series_with_graph(g: Tensor, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tensor:
+    """sum_k (-1)^{k+1} w_k / k v^T J^k v with the whole series differentiable (naive gradients)."""
+    logdet = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    w_t = v
+    for k, w in enumerate(weights, start=1):
+        (w_t,) = torch.autograd.grad(g, x, w_t, create_graph=True, retain_graph=True)
+        logdet = logdet + ((-1) ** (k + 1)) * w / k * _dot(w_t, v)
+    return logdet
+
+
+# ------------------------------------------------------------------------------------------------
+# The block
+# ------------------------------------------------------------------------------------------------
+class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
+    """Invertible residual block ``y = x + g(x)`` with ``Lip(g) < 1``.
+
+    Args:
+        nnet: the residual branch ``g`` (built from Lipschitz-normalised layers).
+        geom_p, lamb: parameters of the geometric / Poisson truncation distributions (stored as frozen
+            parameters for state_dict compatibility; they receive no gradient).
+        n_power_series: ``None`` for the unbiased Russian-roulette estimate in training, or the number of
+            terms of a truncated (biased) series.
+        exact_trace: use exact traces of J^k (full Jacobian; small inputs only).
+        brute_force: exact log-det from the full Jacobian (2x2 closed form for 2-D inputs). In evaluation
+            2-D inputs always use it, as in the paper's code.
+        n_samples: number of draws of N; the series has max(N) + n_exact_terms terms.
+        n_exact_terms: leading terms always computed with weight 1.
+        n_dist: ``'poisson'`` or ``'geometric'``.
+        neumann_grad: Neumann-series gradient estimator in training.
+        grad_in_forward: memory-efficient log-det gradients (``--mem-eff``).
+        inverse_atol, inverse_rtol, inverse_max_iters: stopping rule of the fixed-point inverse.
+        eval_exact_terms: exact terms used in evaluation (20 in the paper).
+    """
+
+    def __init__(
+        self,
+        nnet: nn.Module,
+        geom_p: float = 0.5,
+        lamb: float = 2.0,
+        n_power_series: Optional[int] = None,
+        exact_trace: bool = False,
+        brute_force: bool = False,
+        n_samples: int = 1,
+        n_exact_terms: int = 2,
+        n_dist: str = "geometric",
+        neumann_grad: bool = True,
+        grad_in_forward: bool = False,
+        inverse_atol: float = 1e-5,
+        inverse_rtol: float = 1e-5,
+        inverse_max_iters: int = 1000,
+        eval_exact_terms: int = 20,
+    ):
+        super().__init__()
+        if n_dist not in ("poisson", "geometric"):
+            raise ValueError(f"n_dist must be 'poisson' or 'geometric', got {n_dist!r}")
+        if n_samples < 1:
+            raise ValueError("n_samples must be >= 1")
+        self.nnet = nnet
+        self.n_dist = n_dist
+        # Frozen by design: present for state_dict compatibility with the paper's checkpoints.
+        self.geom_p = nn.Parameter(torch.tensor(math.log(geom_p) - math.log(1.0 - geom_p), dtype=torch.float64), requires_grad=False)
+        self.lamb = nn.Parameter(torch.tensor(float(lamb)), requires_grad=False)
+        self.n_samples = n_samples
+        self.n_power_series = n_power_series
+        self.exact_trace = exact_trace
+        self.brute_force = brute_force
+        self.n_exact_terms = n_exact_terms
+        self.neumann_grad = neumann_grad
+        self.grad_in_forward = grad_in_forward
+        self.inverse_atol, self.inverse_rtol, self.inverse_max_iters = inverse_atol, inverse_rtol, inverse_max_iters
+        self.eval_exact_terms = eval_exact_terms
+        # Draws of N come from this torch generator (CPU: the series length is needed on the host
+        # anyway, so no device synchronisation); None means torch's default CPU generator, which
+        # torch.manual_seed seeds.
+        self.generator: Optional[torch.Generator] = None
+        self.last_inverse_iters = 0
+        self.register_buffer("last_n_samples", torch.zeros(n_samples))
+        self.register_buffer("last_firmom", torch.zeros(1))
+        self.register_buffer("last_secmom", torch.zeros(1))
+
+    # -- truncation ----------------------------------------------------------------------------
+    def _tail(self) -> Callable[[int], float]:
+        if self.n_dist == "geometric":
+            p = float(torch.sigmoid(self.geom_p.detach()))
+            return lambda k: geometric_tail(p, k)
+        lamb = float(self.lamb.detach())
+        return lambda k: poisson_tail(lamb, k)
+
+    def _draw(self) -> List[int]:
+        n = self.n_samples
+        if self.n_dist == "geometric":
+            p = float(torch.sigmoid(self.geom_p.detach()))
+            draws = torch.empty(n, dtype=torch.float64).geometric_(p, generator=self.generator)
+        else:
+            draws = torch.poisson(torch.full((n,), float(self.lamb.detach()), dtype=torch.float64), generator=self.generator)
+        return [int(d) for d in draws.tolist()]
+
+    def series_plan(self) -> Tuple[List[float], Optional[List[int]]]:
+        """Term weights w_1..w_K for the current mode, and the draws of N (None if truncated)."""
+        if self.training and self.n_power_series is not None:
+            return [1.0] * self.n_power_series, None
+        offset = self.n_exact_terms if self.training else self.eval_exact_terms
+        draws = self._draw()
+        return roulette_weights(draws, offset, self._tail()), draws
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        g, logdet = self._g_and_logdet(x)
+        return x + g, logdet
+
+    def transform(self, x: Tensor) -> Tensor:
+        return x + self.nnet(x)
+
+    def _uses_brute_force(self, x: Tensor) -> bool:
+        two_d = x.dim() == 2 and x.shape[1] == 2
+        return self.brute_force or (not self.training and two_d)
+
+    def _g_and_logdet(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        need_graph = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.nnet.parameters())
+        )
+        if self._uses_brute_force(x):
+            return self._exact(x, need_graph, brute_force=True)
+        weights, draws = self.series_plan()
+        if self.exact_trace:
+            g, logdet = self._exact(x, need_graph, brute_force=False, weights=weights)
+        else:
+            v = torch.randn_like(x)
+            if not need_graph:
+                g, logdet = self._estimate_no_graph(x, v, weights)
+            elif self.training and self.grad_in_forward:
+                params = [p for p in self.nnet.parameters() if p.requires_grad]
+                g, logdet = _DeferredLogDet.apply(self, x, v, weights, *params)
+            elif self.training and self.neumann_grad:
+                g, logdet = self._estimate_neumann(x, v, weights)
+            else:
+                x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+                g = self.nnet(x_)
+                logdet = _basic_series_with_graph(g, x_, v, weights)
+        if self.training:
+            self._record(logdet.detach(), draws)
+        return g, logdet
+
+    def _estimate_no_graph(self, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            g = self.nnet(x_)
+            vjp = lambda w: torch.autograd.grad(g, x_, w, retain_graph=True)[0]  # noqa: E731
+            estimate, _ = _series(vjp, v, weights, neumann=False)
+        return g.detach(), estimate.detach()
+
+    def _estimate_neumann(self, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tuple[Tensor, Tensor]:
+        x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+        g = self.nnet(x_)
+        vjp = lambda w: torch.autograd.grad(g, x_, w, retain_graph=True)[0]  # noqa: E731
+        with torch.no_grad():
+            estimate, nv = _series(vjp, v, weights, neumann=True)
+        (vjp_jac,) = torch.autograd.grad(g, x_, nv, create_graph=True, retain_graph=True)
+        surrogate = _dot(vjp_jac, v)
+        # Value: the unbiased log-det estimate; gradient: the Neumann estimator (eq. 8).
+        return g, estimate + (surrogate - surrogate.detach())
+
+    def _exact(self, x: Tensor, need_graph: bool, brute_force: bool, weights: Optional[Sequence[float]] = None):
+        with torch.enable_grad():
+            x_ = x if (need_graph and x.requires_grad) else x.detach().requires_grad_(True)
+            g = self.nnet(x_)
+            jac = batch_jacobian(g, x_, create_graph=need_graph)
+        if brute_force:
+            if jac.shape[-1] == 2:
+                det = (jac[:, 0, 0] + 1) * (jac[:, 1, 1] + 1) - jac[:, 0, 1] * jac[:, 1, 0]
+                logdet = torch.log(torch.abs(det))
+            else:
+                eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+                logdet = torch.linalg.slogdet(eye + jac)[1]
+        else:
+            logdet = jac.new_zeros(jac.shape[0])
+            jac_k = jac
+            for k, w in enumerate(weights, start=1):
+                if k > 1:
+                    jac_k = torch.bmm(jac, jac_k)
+                logdet = logdet + ((-1) ** (k + 1)) / k * w * _batch_trace(jac_k)
+        if not need_graph:
+            return g.detach(), logdet.detach()
+        return g, logdet
+
+    @torch.no_grad()
+    def _record(self, estimate: Tensor, draws: Optional[List[int]]) -> None:
+        if draws is not None:
+            self.last_n_samples.copy_(torch.tensor(draws, dtype=self.last_n_samples.dtype))
+        self.last_firmom.copy_(estimate.mean().reshape(1).to(self.last_firmom))
+        self.last_secmom.copy_((estimate**2).mean().reshape(1).to(self.last_secmom))
+
+    # -- inverse -------------------------------------------------------------------------------
+    def inverse(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        x = self.invert(y)
+        _, logdet = self._g_and_logdet(x)
+        return x, -logdet
+
+    @torch.no_grad()
+    def invert(self, y: Tensor) -> Tensor:
+        """Fixed-point inverse x <- y - g(x) from x0 = y - g(y) (Behrmann et al. 2019, Alg. 1)."""
+        tol = self.inverse_atol + y.abs() * self.inverse_rtol
+        x_prev, x = y, y - self.nnet(y)
+        it = 1
+        while not torch.all((x - x_prev) ** 2 / tol < 1):
+            if it >= self.inverse_max_iters:
+                residual = float((x - x_prev).abs().max())
+                warnings.warn(
+                    f"iResBlock fixed-point inverse did not converge in {self.inverse_max_iters} iterations "
+                    f"(max |x_k - x_k-1| = {residual:.3g}); the sample may be inaccurate",
+                    InverseNotConvergedWarning,
+                    stacklevel=2,
+                )
+                break
+            x_prev, x = x, y - self.nnet(x)
+            it += 1
+        self.last_inverse_iters = it
+        return x
+
+    def extra_repr(self) -> str:
+        mode = "truncated n={}".format(self.n_power_series) if self.n_power_series else f"unbiased {self.n_dist}"
+        return f"{mode}, n_samples={self.n_samples}, n_exact_terms={self.n_exact_terms}, neumann_grad={self.neumann_grad}, mem_eff={self.grad_in_forward}"

@@ -1,0 +1,300 @@
+"""A guarded reader for checkpoints written by the paper's code (SPEC section 6).
+
+Those files are pickles that name the paper's classes (``resflows.*`` or, for the released 2019
+checkpoints, ``lib.*``), an ``argparse.Namespace`` and an EMA object holding a whole pickled model.
+Loading them with plain ``pickle`` (or ``torch.load(weights_only=False)``) would import and run whatever
+the file names. This reader never does: it parses torch's zip and legacy (pre-1.6) containers itself
+and unpickles with a whitelist:
+
+* plain containers (``OrderedDict``, ``set``, ``frozenset``), ``torch.Size``, dtypes and devices;
+* torch's tensor/parameter rebuild functions and storage types, replaced by our own equivalents that
+  only build tensors from the archive's bytes;
+* classes under ``resflows.*``, ``lib.*``, ``torch.nn.*`` and ``argparse.Namespace`` become inert
+  stand-ins that only record their pickled state;
+
+and refuses everything else with :class:`NotACheckpointError`.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import tarfile
+import zipfile
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = ["NotACheckpointError", "StandIn", "load_paper_checkpoint", "read_paper_pickle"]
+
+_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_PROTOCOL_VERSION = 1001
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+_STAND_IN_PREFIXES = ("resflows.", "lib.", "torch.nn.modules.", "torch.nn.parameter")
+
+
+class NotACheckpointError(ValueError):
+    """The file is not a Residual Flows checkpoint (or it is damaged)."""
+
+
+class StandIn:
+    """Inert replacement for a class named by a paper checkpoint: keeps the pickled state only."""
+
+    _module = "?"
+    _name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self._module}.{self._name}>"
+
+
+_stand_in_classes: Dict[tuple, type] = {}
+
+
+def _stand_in(module: str, name: str) -> type:
+    key = (module, name)
+    if key not in _stand_in_classes:
+        _stand_in_classes[key] = type(name, (StandIn,), {"_module": module, "_name": name, "__module__": __name__})
+    return _stand_in_classes[key]
+
+
+class _StorageType:
+    """Stands for ``torch.FloatStorage`` etc.: only carries the dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+def _rebuild_tensor(storage: torch.Tensor, storage_offset: int, size, stride, *unused) -> torch.Tensor:
+    if not isinstance(storage, torch.Tensor):
+        raise NotACheckpointError("malformed tensor record")
+    if len(size) == 0:
+        return storage[storage_offset].clone() if storage.numel() else storage.new_zeros(())
+    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
+
+
+def _rebuild_parameter(data: torch.Tensor, requires_grad: bool = False, backward_hooks=None, *unused) -> torch.Tensor:
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state=None) -> torch.Tensor:
+    return data
+
+
+def _reconstructor(cls, base, state):
+    # copyreg._reconstructor, only for our stand-ins (protocol 0/1 object pickles).
+    if isinstance(cls, type) and issubclass(cls, StandIn):
+        obj = cls.__new__(cls)
+        return obj
+    raise NotACheckpointError("refusing to reconstruct a foreign object")
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "frozenset"): frozenset,
+    ("builtins", "object"): object,
+    ("__builtin__", "object"): object,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("copy_reg", "_reconstructor"): _reconstructor,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, storages: "_Storages"):
+        super().__init__(file, encoding="utf-8")
+        self._storages = storages
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "argparse" and name == "Namespace":
+            return _stand_in(module, name)
+        if module.startswith(_STAND_IN_PREFIXES) or module in ("resflows", "lib"):
+            return _stand_in(module, name)
+        raise NotACheckpointError(
+            f"it names {module}.{name}, which a Residual Flows checkpoint does not contain; refusing to load it"
+        )
+
+    def persistent_load(self, pid):
+        return self._storages.resolve(pid)
+
+
+class _Storages:
+    """Storage records of both container formats; tensors are views into these flat buffers."""
+
+    def __init__(self, zip_reader: Optional["_ZipReader"] = None):
+        self.zip = zip_reader
+        self.flat: Dict[str, torch.Tensor] = {}
+
+    def resolve(self, pid):
+        if not isinstance(pid, tuple) or not pid:
+            raise NotACheckpointError("malformed storage record")
+        kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
+        if kind == "module":  # legacy format: source of a pickled container class
+            return pid[1]
+        if kind != "storage":
+            raise NotACheckpointError(f"unknown record type {kind!r}")
+        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        view = pid[5] if len(pid) > 5 else None
+        if not isinstance(storage_type, _StorageType):
+            raise NotACheckpointError("malformed storage type")
+        if key not in self.flat:
+            if self.zip is not None:
+                self.flat[key] = self.zip.storage(key, storage_type.dtype, numel)
+            else:  # legacy: filled in after the pickle, from the bytes that follow it
+                self.flat[key] = torch.zeros(numel, dtype=storage_type.dtype)
+        flat = self.flat[key]
+        if view is not None:
+            view_key, offset, view_size = view
+            return flat[int(offset) : int(offset) + int(view_size)]
+        return flat
+
+
+class _ZipReader:
+    def __init__(self, zf: zipfile.ZipFile):
+        self.zf = zf
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pkl:
+            raise NotACheckpointError("it is a zip archive without a data.pkl record")
+        self.prefix = pkl[0][: -len("data.pkl")]
+        order = self.prefix + "byteorder"
+        self.byteorder = zf.read(order).decode() if order in names else "little"
+
+    def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        raw = bytearray(self.zf.read(f"{self.prefix}data/{key}"))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if len(raw) < numel * itemsize:
+            raise NotACheckpointError(f"storage {key} is truncated")
+        t = torch.frombuffer(raw, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+        if self.byteorder != "little" and itemsize > 1:
+            t = t.view(torch.uint8).view(-1, itemsize).flip(1).reshape(-1).view(dtype)
+        return t.clone()
+
+
+def _load_plain(f) -> Any:
+    """Unpickle a record that may only contain plain data (legacy header / key lists)."""
+    return _RestrictedUnpickler(f, _Storages()).load()
+
+
+def read_paper_pickle(path: str) -> Any:
+    """Read a torch-serialised pickle (zip or legacy format) with the restricted unpickler."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                reader = _ZipReader(zf)
+                storages = _Storages(reader)
+                data = zf.read(reader.prefix + "data.pkl")
+                return _RestrictedUnpickler(io.BytesIO(data), storages).load()
+        with open(path, "rb") as f:
+            head = f.read(512)
+            f.seek(0)
+            if len(head) >= 262 and head[257:262] == b"ustar":
+                raise NotACheckpointError("it is a tar archive from torch < 0.4, which is not supported")
+            magic = _load_plain(f)
+            if magic != _MAGIC_NUMBER:
+                raise NotACheckpointError("it is not a torch checkpoint (bad magic number)")
+            if _load_plain(f) != _PROTOCOL_VERSION:
+                raise NotACheckpointError("unsupported torch serialisation protocol")
+            _load_plain(f)  # sys info
+            storages = _Storages()
+            result = _RestrictedUnpickler(f, storages).load()
+            keys = _load_plain(f)
+            for key in keys:
+                flat = storages.flat[str(key)]
+                (numel,) = struct.unpack("<q", f.read(8))
+                nbytes = numel * flat.element_size()
+                raw = f.read(nbytes)
+                if len(raw) != nbytes or numel != flat.numel():
+                    raise NotACheckpointError("the file is truncated")
+                flat.copy_(torch.frombuffer(bytearray(raw), dtype=flat.dtype, count=numel))
+            return result
+    except NotACheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, struct.error, ValueError, TypeError,
+            AttributeError, IndexError, RuntimeError, UnicodeDecodeError, tarfile.TarError) as e:
+        raise NotACheckpointError(f"it could not be read as a checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _strip_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return collections.OrderedDict((k[len("module."):], v) for k, v in sd.items())
+    return sd
+
+
+def load_paper_checkpoint(path: str) -> Dict[str, Any]:
+    """The paper checkpoint's contents as plain data:
+    ``{'args': dict, 'state_dict': {...}, 'ema': {name: tensor} or None, 'optimizer_state_dict': dict or None,
+    'test_bpd': float or None}``."""
+    obj = read_paper_pickle(path)
+    if not isinstance(obj, dict) or "state_dict" not in obj or "args" not in obj:
+        raise NotACheckpointError("it is not a Residual Flows checkpoint (no 'state_dict' and 'args')")
+    args = obj["args"]
+    args = dict(args.__dict__) if isinstance(args, StandIn) else args
+    if not isinstance(args, dict):
+        raise NotACheckpointError("its 'args' record is not a flag namespace")
+    args = {k: v for k, v in args.items() if not k.startswith("_")}
+    sd = obj["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise NotACheckpointError("its 'state_dict' is not a dict of tensors")
+    ema = obj.get("ema")
+    shadow = None
+    if isinstance(ema, StandIn) and isinstance(getattr(ema, "shadow_params", None), dict):
+        shadow = _strip_module_prefix(dict(ema.shadow_params))
+    elif isinstance(ema, dict):
+        shadow = _strip_module_prefix(ema)
+    test_bpd = obj.get("test_bpd")
+    try:
+        test_bpd = float(test_bpd) if test_bpd is not None else None
+    except (TypeError, ValueError):
+        test_bpd = None
+    opt = obj.get("optimizer_state_dict")
+    return {
+        "args": args,
+        "state_dict": _strip_module_prefix(sd),
+        "ema": shadow,
+        "optimizer_state_dict": opt if isinstance(opt, dict) else None,
+        "test_bpd": test_bpd,
+    }

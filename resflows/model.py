@@ -1,0 +1,484 @@
+"""The multiscale Residual Flow (Chen et al. 2019, Sec. 4 and Appendix E).
+
+Per scale: ``[init layer] [ActNorm if first resblock] n x ([InvConv] iResBlock [ActNorm] [FC ActNorm])``
+then a squeeze, except on the last scale, which ends with ``fc_nblocks`` fully connected residual blocks.
+With ``factor_out`` half of the channels leave the flow after each non-final scale. Module names follow the
+paper's code, so ``state_dict`` keys match (``transforms.0.chain.2.nnet.0.weight``) and its checkpoints
+load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, ModelConfig
+from .layers import (
+    ActNorm1d,
+    ActNorm2d,
+    ChannelCouplingBlock,
+    CouplingBlock,
+    InvertibleConv2d,
+    InvertibleLinear,
+    LogitTransform,
+    MaskedCouplingBlock,
+    MovingBatchNorm2d,
+    Normalize,
+    SequentialFlow,
+    SqueezeLayer,
+    get_conv2d,
+    get_linear,
+    iResBlock,
+    lipschitz_layers,
+    make_activation,
+    update_lipschitz,
+)
+from .layers.base import FlowLayer, zeros_logdet
+from .layers.coupling import coupling_split
+from .layers.lipschitz import _LipschitzMap
+from .layers.squeeze import squeeze, unsqueeze
+
+Tensor = torch.Tensor
+Size = Tuple[int, int, int]
+
+__all__ = ["ResidualFlow", "FCNet", "FCWrapper", "n_scales"]
+
+
+def n_scales(h: int, w: int) -> int:
+    """Number of halvings while both H and W stay >= 4 (the paper's _calc_n_scale)."""
+    n = 0
+    while h >= 4 and w >= 4:
+        n += 1
+        h, w = h // 2, w // 2
+    return n
+
+
+class FCWrapper(FlowLayer):
+    """Applies a flow layer on ``[B, D]`` to a ``[B, C, H, W]`` tensor by flattening."""
+
+    def __init__(self, fc_module: nn.Module):
+        super().__init__()
+        self.fc_module = fc_module
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        y, logdet = self.fc_module(x.reshape(x.shape[0], -1))
+        return y.reshape(x.shape), logdet
+
+    def inverse(self, y: Tensor) -> Tuple[Tensor, Tensor]:
+        x, logdet = self.fc_module.inverse(y.reshape(y.shape[0], -1))
+        return x.reshape(y.shape), logdet
+
+    def transform(self, x: Tensor) -> Tensor:
+        return self.fc_module.transform(x.reshape(x.shape[0], -1)).reshape(x.shape)
+
+    def invert(self, y: Tensor) -> Tensor:
+        return self.fc_module.invert(y.reshape(y.shape[0], -1)).reshape(y.shape)
+
+
+class FCNet(nn.Module):
+    """Fully connected residual branch on a flattened ``[B, C, H, W]`` input, output reshaped to
+    ``out_shape``: ``[act] Linear(D_in, idim) act ... Linear(idim, D_out)``."""
+
+    def __init__(
+        self,
+        in_shape: Size,
+        out_shape: Size,
+        idim: int,
+        nhidden: int,
+        act: str,
+        preact: bool,
+        dropout: float,
+        linear_factory,
+    ):
+        super().__init__()
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        layers: List[nn.Module] = []
+        mult = 1
+        if preact:
+            layers.append(make_activation(act))
+            mult = getattr(layers[-1], "out_multiplier", 1)
+        last = math.prod(in_shape)
+        for i in range(nhidden):
+            layers.append(linear_factory(i, last * mult, idim))
+            layers.append(make_activation(act))
+            mult = getattr(layers[-1], "out_multiplier", 1)
+            last = idim
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(linear_factory(nhidden, last * mult, math.prod(out_shape)))
+        self.nnet = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.nnet(x.reshape(x.shape[0], -1))
+        return y.reshape(y.shape[0], *self.out_shape)
+
+
+class _HeadActNorm(ActNorm2d):
+    """ActNorm inside a classification head: a plain module returning only the tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+class _StackBuilder:
+    """Builds one scale's SequentialFlow (the paper's StackediResBlocks / StackedCouplingBlocks)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    # -- shared pieces ----------------------------------------------------------------------
+    def actnorm(self, size: Size, fc: bool) -> nn.Module:
+        if fc:
+            return FCWrapper(ActNorm1d(math.prod(size)))
+        return ActNorm2d(size[0])
+
+    def quadratic(self, size: Size, fc: bool) -> nn.Module:
+        if fc:
+            return FCWrapper(InvertibleLinear(math.prod(size)))
+        return InvertibleConv2d(size[0])
+
+    def orders(self) -> Tuple[list, list]:
+        if self.cfg.learn_p:
+            # One learnable order per position, shared cyclically: layer i maps p_i -> p_{i+1}, the last
+            # maps back to p_0, so the whole branch is contractive in the p_0 norm (paper).
+            n = len(self.cfg.kernels)
+            domains = [nn.Parameter(torch.tensor(0.0)) for _ in range(n)]
+            return domains, domains[1:] + [domains[0]]
+        ps = list(self.cfg.vnorms)
+        return ps[:-1], ps[1:]
+
+    def iresblock(self, nnet: nn.Module) -> iResBlock:
+        c = self.cfg
+        return iResBlock(
+            nnet,
+            n_power_series=c.n_power_series,
+            n_dist=c.n_dist,
+            n_samples=c.n_samples,
+            n_exact_terms=c.n_exact_terms,
+            neumann_grad=c.neumann_grad,
+            grad_in_forward=c.mem_eff,
+        )
+
+    def _lip_kwargs(self) -> dict:
+        c = self.cfg
+        return dict(coeff=c.coeff, n_iterations=c.n_lipschitz_iters, atol=c.sn_tol, rtol=c.sn_tol)
+
+    # -- residual blocks --------------------------------------------------------------------
+    def resblock(self, size: Size, fc: bool, idim: int, first: bool = False) -> iResBlock:
+        c = self.cfg
+        domains, codomains = self.orders()
+        if fc:
+            def linear(i, n_in, n_out):
+                return get_linear(n_in, n_out, domain=domains[i], codomain=codomains[i], **self._lip_kwargs())
+
+            nnet = FCNet(size, size, idim, len(c.kernels) - 1, c.act, c.preact, c.dropout, linear)
+            return self.iresblock(nnet)
+        ks = c.kernels
+        ch, h, w = size
+        layers: List[nn.Module] = []
+        mult = 1
+
+        def conv(i, n_in, n_out, k):
+            return get_conv2d(n_in, n_out, k, 1, k // 2, domain=domains[i], codomain=codomains[i],
+                              spatial_dims=(h, w), **self._lip_kwargs())
+
+        def act():
+            nonlocal mult
+            layers.append(make_activation(c.act))
+            mult = getattr(layers[-1], "out_multiplier", 1)
+
+        if not first and c.preact:
+            if c.batchnorm:
+                layers.append(MovingBatchNorm2d(ch))
+            act()
+        layers.append(conv(0, ch * mult, idim, ks[0]))
+        if c.batchnorm:
+            layers.append(MovingBatchNorm2d(idim))
+        act()
+        for i, k in enumerate(ks[1:-1]):
+            layers.append(conv(i + 1, idim * mult, idim, k))
+            if c.batchnorm:
+                layers.append(MovingBatchNorm2d(idim))
+            act()
+        if c.dropout:
+            layers.append(nn.Dropout2d(c.dropout))
+        layers.append(conv(len(ks) - 1, idim * mult, ch, ks[-1]))
+        if c.batchnorm:
+            layers.append(MovingBatchNorm2d(ch))
+        return self.iresblock(nn.Sequential(*layers))
+
+    # -- coupling blocks ---------------------------------------------------------------------
+    def coupling(self, size: Size, fc: bool, idim: int, swap: bool, checkerboard: bool, first: bool = False) -> nn.Module:
+        c = self.cfg
+        ch, h, w = size
+        if fc:
+            na, nb = coupling_split(ch, swap)
+
+            def linear(i, n_in, n_out):
+                return nn.Linear(n_in, n_out)
+
+            nnet = FCNet((na, h, w), (2 * nb, h, w), idim, len(c.kernels) - 1, c.act, c.preact, c.dropout, linear)
+            return CouplingBlock(ch, nnet, swap=swap)
+        if checkerboard:
+            n_in, n_out = ch, 2 * ch
+        else:
+            na, nb = coupling_split(ch, swap)
+            n_in, n_out = na, 2 * nb
+        ks = c.kernels
+        layers: List[nn.Module] = []
+        mult = 1
+
+        def act():
+            nonlocal mult
+            layers.append(make_activation(c.act))
+            mult = getattr(layers[-1], "out_multiplier", 1)
+
+        if not first and c.preact:
+            if c.batchnorm:
+                layers.append(MovingBatchNorm2d(ch))
+            act()
+        layers.append(nn.Conv2d(n_in * mult, idim, ks[0], 1, ks[0] // 2))
+        if c.batchnorm:
+            layers.append(MovingBatchNorm2d(idim))
+        act()
+        for k in ks[1:-1]:
+            layers.append(nn.Conv2d(idim * mult, idim, k, 1, k // 2))
+            if c.batchnorm:
+                layers.append(MovingBatchNorm2d(idim))
+            act()
+        if c.dropout:
+            layers.append(nn.Dropout2d(c.dropout))
+        layers.append(nn.Conv2d(idim * mult, n_out, ks[-1], 1, ks[-1] // 2))
+        if c.batchnorm:
+            layers.append(MovingBatchNorm2d(n_out))  # the paper's code used C here, which crashes for checkerboard
+        nnet = nn.Sequential(*layers)
+        if checkerboard:
+            return MaskedCouplingBlock(ch, nnet, mask_type="checkerboard1" if swap else "checkerboard0")
+        return ChannelCouplingBlock(ch, nnet, mask_type="channel1" if swap else "channel0")
+
+    # -- one scale ---------------------------------------------------------------------------
+    def stack(self, size: Size, n_blocks: int, squeeze_out: bool, init_layer: Optional[nn.Module],
+              first_resblock: bool) -> SequentialFlow:
+        c = self.cfg
+        coupling = c.block == "coupling"
+        swap = True  # toggled before every coupling block, as in the paper (first block: not swapped)
+        # Checkerboard masks on the scale that has the init layer, channel masks elsewhere (paper).
+        checkerboard = init_layer is not None
+
+        def block(fc: bool, idim: int, first: bool = False) -> nn.Module:
+            nonlocal swap
+            if coupling:
+                swap = not swap
+                return self.coupling(size, fc, idim, swap, checkerboard and not fc, first)
+            return self.resblock(size, fc, idim, first)
+
+        chain: List[nn.Module] = []
+        if init_layer is not None:
+            chain.append(init_layer)
+        if first_resblock and c.actnorm:
+            chain.append(self.actnorm(size, c.fc))
+        if first_resblock and c.fc_actnorm:
+            chain.append(self.actnorm(size, True))
+        for i in range(n_blocks):
+            if c.quadratic:
+                chain.append(self.quadratic(size, c.fc))
+            chain.append(block(c.fc, c.idim, first=first_resblock and i == 0 and squeeze_out))
+            if c.actnorm:
+                chain.append(self.actnorm(size, c.fc))
+            if c.fc_actnorm:
+                chain.append(self.actnorm(size, True))
+        if squeeze_out:
+            chain.append(SqueezeLayer(2))
+        elif c.fc_end:
+            for _ in range(c.fc_nblocks):
+                chain.append(block(True, c.fc_idim))
+                if c.actnorm or c.fc_actnorm:
+                    chain.append(self.actnorm(size, True))
+        return SequentialFlow(chain)
+
+
+class ResidualFlow(nn.Module):
+    """Multiscale Residual Flow.
+
+    ``model(x)`` returns ``(z, logdet)``: ``z`` is ``[B, D]`` in the paper's order (factored-out parts
+    first, then the last scale, each flattened) and ``logdet[B] = log|det dz/dx|`` as estimated by the
+    blocks' settings (stochastic for residual blocks). ``model.inverse(z)`` returns ``x``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c, h, w = config.input_size
+        if config.squeeze_first:
+            c, h, w = c * 4, h // 2, w // 2
+        self.model_input_size: Size = (c, h, w)
+        possible = n_scales(h, w)
+        if len(config.nblocks) > possible:
+            raise ConfigError(
+                f"--nblocks {'-'.join(map(str, config.nblocks))} asks for {len(config.nblocks)} scales, but a {h}x{w} model input "
+                f"allows at most {possible} (each scale halves H and W, which must stay >= 4); "
+                f"use fewer entries in --nblocks or a larger --imagesize"
+            )
+        self.n_scale = len(config.nblocks)
+        builder = _StackBuilder(config)
+        transforms = []
+        self.dims: List[Size] = []
+        size = (c, h, w)
+        for i in range(self.n_scale):
+            last = i == self.n_scale - 1
+            if not last and (size[1] % 2 or size[2] % 2):
+                raise ConfigError(
+                    f"scale {i} has a {size[1]}x{size[2]} feature map, which cannot be squeezed (odd size); "
+                    f"choose an --imagesize that halves evenly {self.n_scale - 1} times, or fewer --nblocks entries"
+                )
+            init_layer = self._init_layer() if i == 0 else None
+            transforms.append(builder.stack(size, config.nblocks[i], squeeze_out=not last, init_layer=init_layer,
+                                            first_resblock=config.first_resblock and i == 0))
+            if not last:
+                size = (size[0] * 4, size[1] // 2, size[2] // 2)
+                if config.factor_out:
+                    self.dims.append((size[0] // 2, size[1], size[2]))
+                    size = (size[0] - size[0] // 2, size[1], size[2])
+        self.dims.append(size)
+        self.transforms = nn.ModuleList(transforms)
+        if config.classification:
+            self._build_classifier()
+
+    # -- construction helpers ---------------------------------------------------------------
+    def _init_layer(self) -> Optional[nn.Module]:
+        cfg = self.config
+        if cfg.init_layer == "logit":
+            return LogitTransform(cfg.logit_alpha)
+        if cfg.init_layer == "normalize":
+            return Normalize(cfg.normalize_mean, cfg.normalize_std)
+        return None
+
+    def _build_classifier(self) -> None:
+        cfg = self.config
+        hidden = []
+        c = self.model_input_size[0]
+        for i in range(self.n_scale):
+            if i < self.n_scale - 1:
+                c = c * 2 if cfg.factor_out else c * 4
+            hidden.append(c)
+        self.classification_heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(ch, cfg.cdim, 3, 1, 1),
+                _HeadActNorm(cfg.cdim),
+                nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d((1, 1)),
+            )
+            for ch in hidden
+        )
+        self.logit_layer = nn.Linear(cfg.cdim * len(hidden), cfg.n_classes)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _run(self, x: Tensor, with_logdet: bool, classify: bool):
+        if self.config.squeeze_first:
+            x = squeeze(x, 2)
+        logdet = zeros_logdet(x) if with_logdet else None
+        out, heads = [], []
+        last = self.n_scale - 1
+        for idx, stack in enumerate(self.transforms):
+            if with_logdet:
+                x, ld = stack(x)
+                logdet = logdet + ld
+            else:
+                x = stack.transform(x)
+            h = x
+            if self.config.factor_out and idx < last:
+                d = x.shape[1] // 2
+                x, h = x[:, :d], x[:, d:]
+                out.append(h)
+            if classify:
+                heads.append(self.classification_heads[idx](h))
+        out.append(x)
+        z = torch.cat([o.reshape(o.shape[0], -1) for o in out], 1)
+        logits = None
+        if classify:
+            logits = self.logit_layer(torch.cat(heads, 1).flatten(1))
+        return z, logdet, logits
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(z, log|det dz/dx|)``."""
+        z, logdet, _ = self._run(x, True, False)
+        return z, logdet
+
+    def forward_with_logits(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(z, logdet, logits)`` for the hybrid task (classification heads on every scale)."""
+        self._need_classifier()
+        return self._run(x, True, True)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Class logits only (classification task; no log-det is estimated)."""
+        self._need_classifier()
+        return self._run(x, False, True)[2]
+
+    def transform(self, x: Tensor) -> Tensor:
+        """``z`` only, without estimating log-dets."""
+        return self._run(x, False, False)[0]
+
+    def _need_classifier(self) -> None:
+        if not self.config.classification:
+            raise RuntimeError("this model has no classification heads (built for the density task)")
+
+    # -- inverse ----------------------------------------------------------------------------
+    def _split_z(self, z: Tensor) -> List[Tensor]:
+        z = z.reshape(z.shape[0], -1)
+        sizes = [math.prod(d) for d in self.dims]
+        if z.shape[1] != sum(sizes):
+            raise ValueError(f"z has {z.shape[1]} dimensions; this model's latent has {sum(sizes)}")
+        parts = torch.split(z, sizes, 1)
+        return [p.reshape(z.shape[0], *d) for p, d in zip(parts, self.dims)]
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """``x = f^{-1}(z)`` by fixed-point iteration in every residual block."""
+        zs = self._split_z(z)
+        x = self.transforms[-1].invert(zs[-1])
+        for idx in range(self.n_scale - 2, -1, -1):
+            if self.config.factor_out:
+                x = torch.cat([x, zs[idx]], 1)
+            x = self.transforms[idx].invert(x)
+        if self.config.squeeze_first:
+            x = unsqueeze(x, 2)
+        return x
+
+    # -- maintenance ------------------------------------------------------------------------
+    def update_lipschitz(self, n_iterations: Optional[int] = None, atol: Optional[float] = None,
+                         rtol: Optional[float] = None, max_iterations: int = 200) -> int:
+        """Power iterations on every normalised layer (after each optimiser step), warm-started.
+        Defaults: ``--n-lipschitz-iters`` if set, else iterate to ``--sn-tol``."""
+        if n_iterations is None and atol is None and rtol is None:
+            n_iterations = self.config.n_lipschitz_iters
+            if n_iterations is None:
+                atol = rtol = self.config.sn_tol
+        return update_lipschitz(lipschitz_layers(self), n_iterations, atol, rtol, max_iterations)
+
+    def lipschitz_constants(self) -> Dict[str, float]:
+        """Lipschitz bound of every normalised layer: min(sigma, coeff) from the stored estimate."""
+        return {n: m.lipschitz_constant() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
+
+    def spectral_estimates(self) -> Dict[str, float]:
+        """The stored operator-norm estimates ``scale`` (sigma of the raw weight) of every normalised layer."""
+        return {n: float(m.scale) for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
+
+    def norm_orders(self) -> Dict[str, Tuple[float, float]]:
+        """(domain, codomain) norm orders of every normalised layer."""
+        return {n: m.norm_orders() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
+
+    def estimator_moments(self) -> Dict[str, Tuple[float, float]]:
+        """(first, second) moment of each residual block's last log-det estimate."""
+        return {
+            n: (float(m.last_firmom), float(m.last_secmom))
+            for n, m in self.named_modules()
+            if isinstance(m, iResBlock)
+        }
+
+    def iresblocks(self) -> List[iResBlock]:
+        return [m for m in self.modules() if isinstance(m, iResBlock)]
+
+    @property
+    def latent_dim(self) -> int:
+        return sum(math.prod(d) for d in self.dims)

@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="resflows",
+    version="0.1.0",
+    description="Residual Flows for Invertible Generative Modeling (Chen et al., NeurIPS 2019) in PyTorch",
+    packages=find_packages(include=["resflows", "resflows.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch", "torchvision", "numpy", "tensorboard", "tqdm"],
+    extras_require={
+        # scikit-learn ships the offline 8x8 digits used by the tests and `make demo`;
+        # matplotlib draws the toy figures.
+        "test": ["pytest", "scikit-learn", "matplotlib"],
+    },
+)
