@@ -97,8 +97,7 @@ class _StorageType:
 def _rebuild_tensor(storage: torch.Tensor, storage_offset: int, size, stride, *unused) -> torch.Tensor:
     if not isinstance(storage, torch.Tensor):
         raise NotACheckpointError("malformed tensor record")
-    if len(size) == 0:
-        return storage[storage_offset].clone() if storage.numel() else storage.new_zeros(())
+    # A view, not a copy: legacy files fill the storage bytes after the pickle is read.
     return storage.as_strided(tuple(size), tuple(stride), storage_offset)
 
 
