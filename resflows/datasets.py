@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -157,15 +158,19 @@ def _torchvision(name: str, root: str, train: bool):
         return make(False)
     except (RuntimeError, OSError):
         pass
+    sub, files, url = _TV_FILES[name]
+    folder = os.path.normpath(os.path.join(root, sub))
+    where = f"Place {', '.join(files)} in {folder} (from {url}), or run once with internet access."
+    if os.environ.get("RESFLOWS_OFFLINE"):
+        raise DataNotFoundError(f"{name} is not under {folder} (RESFLOWS_OFFLINE is set, so no download). {where}")
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # a blocked network fails instead of hanging
     try:
         return make(True)
     except Exception as e:  # noqa: BLE001 - offline, proxy, disk: all mean "files missing"
-        sub, files, url = _TV_FILES[name]
-        folder = os.path.normpath(os.path.join(root, sub))
-        raise DataNotFoundError(
-            f"{name} is not under {folder} and could not be downloaded ({type(e).__name__}). "
-            f"Place {', '.join(files)} in {folder} (from {url}), or run once with internet access."
-        ) from None
+        raise DataNotFoundError(f"{name} is not under {folder} and could not be downloaded ({type(e).__name__}). {where}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
 
 
 # ------------------------------------------------------------------------------------------------

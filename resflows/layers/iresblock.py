@@ -237,6 +237,9 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         # anyway, so no device synchronisation); None means torch's default CPU generator, which
         # torch.manual_seed seeds.
         self.generator: Optional[torch.Generator] = None
+        # Hutchinson probes: torch.randn_like on the input's device unless a function x -> probe is set
+        # (e.g. probes fixed per example, to compare runs that must draw the same noise).
+        self.probe_fn: Optional[Callable[[Tensor], Tensor]] = None
         self.last_inverse_iters = 0
         self.register_buffer("last_n_samples", torch.zeros(n_samples))
         self.register_buffer("last_firmom", torch.zeros(1))
@@ -289,7 +292,7 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         if self.exact_trace:
             g, logdet = self._exact(x, need_graph, brute_force=False, weights=weights)
         else:
-            v = torch.randn_like(x)
+            v = self.probe_fn(x) if self.probe_fn is not None else torch.randn_like(x)
             if not need_graph:
                 g, logdet = self._estimate_no_graph(x, v, weights)
             elif self.training and self.grad_in_forward:

@@ -1,0 +1,184 @@
+"""The ``train_img.py`` command line: the paper's flags (same names, defaults and meaning) plus ours.
+
+Parsing happens here, once; the rest of the package sees a typed :class:`TrainConfig`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, List, Optional, Sequence, Set, Tuple
+
+from .config import TrainConfig, parse_bool
+from .datasets import DATASETS
+
+__all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS"]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bool(s: str) -> bool:
+    try:
+        return parse_bool(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _optional_int(s: str) -> Optional[int]:
+    if s in ("None", "none", ""):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or None, got {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = OneLineArgumentParser(
+        prog=prog,
+        description="Train a Residual Flow on images, or evaluate / sample a checkpoint (--resume CKPT --evaluate | --sample N).",
+    )
+    a = p.add_argument
+    a("--data", type=str, default=d.data, choices=list(DATASETS), help="dataset (digits: scikit-learn's 8x8 digits, offline)")
+    a("--dataroot", type=str, default=d.dataroot, help="dataset root; .pth datasets live under it")
+    a("--imagesize", type=_optional_int, default=d.imagesize, help="resize to this size (default: the dataset's native size)")
+    a("--nbits", type=int, default=d.nbits, help="bit depth for celebahq")
+    a("--block", type=str, choices=["resblock", "coupling"], default=d.block)
+    a("--coeff", type=float, default=d.coeff, help="Lipschitz target of every normalised layer")
+    a("--vnorms", type=str, default=d.vnorms, help="norm orders p0..pL along each residual branch (f = inf)")
+    a("--n-lipschitz-iters", type=_optional_int, default=d.n_lipschitz_iters, help="fixed power iterations; None = to tolerance")
+    a("--sn-tol", type=float, default=d.sn_tol, help="atol and rtol of the power iterations")
+    a("--learn-p", type=_bool, default=d.learn_p, help="learn the norm orders")
+    a("--n-power-series", type=_optional_int, default=d.n_power_series, help="None = unbiased estimator; int = truncated series")
+    a("--factor-out", type=_bool, default=d.factor_out)
+    a("--n-dist", choices=["geometric", "poisson"], default=d.n_dist)
+    a("--n-samples", type=_positive_int, default=d.n_samples)
+    a("--n-exact-terms", type=int, default=d.n_exact_terms, help="terms always computed in the power series")
+    a("--var-reduc-lr", type=float, default=d.var_reduc_lr, help="accepted for compatibility; unused")
+    a("--neumann-grad", type=_bool, default=d.neumann_grad, help="Neumann-series gradient estimator")
+    a("--mem-eff", type=_bool, default=d.mem_eff, help="memory-efficient log-det gradients (backward-in-forward)")
+    a("--act", type=str, choices=["softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish"], default=d.act)
+    a("--idim", type=int, default=d.idim, help="hidden channels of the residual branches")
+    a("--nblocks", type=str, default=d.nblocks, help="residual blocks per scale, e.g. 16-16-16")
+    a("--squeeze-first", type=_bool, default=d.squeeze_first)
+    a("--actnorm", type=_bool, default=d.actnorm)
+    a("--fc-actnorm", type=_bool, default=d.fc_actnorm)
+    a("--batchnorm", type=_bool, default=d.batchnorm)
+    a("--dropout", type=float, default=d.dropout)
+    a("--fc", type=_bool, default=d.fc)
+    a("--kernels", type=str, default=d.kernels, help="kernel sizes of each residual branch, e.g. 3-1-3")
+    a("--logit-transform", type=_bool, default=d.logit_transform)
+    a("--add-noise", type=_bool, default=d.add_noise, help="uniform dequantisation")
+    a("--quadratic", type=_bool, default=d.quadratic, help="invertible 1x1 convolution before each block")
+    a("--fc-end", type=_bool, default=d.fc_end)
+    a("--fc-idim", type=int, default=d.fc_idim)
+    a("--preact", type=_bool, default=d.preact)
+    a("--padding", type=int, default=d.padding, help="extra noise channels appended to the input")
+    a("--padding-dist", type=str, choices=["uniform", "gaussian"], default=d.padding_dist)
+    a("--first-resblock", type=_bool, default=d.first_resblock)
+    a("--cdim", type=int, default=d.cdim, help="hidden width of the classification heads")
+    a("--optimizer", type=str, choices=["adam", "adamax", "rmsprop", "sgd"], default=d.optimizer)
+    a("--scheduler", type=_bool, default=d.scheduler, help="cosine warm restarts (adam) / steps at 60-120-160 (sgd) after warm-up")
+    a("--nepochs", type=int, default=d.nepochs)
+    a("--batchsize", type=_positive_int, default=d.batchsize, help="global batch size (split across torchrun ranks)")
+    a("--lr", type=float, default=d.lr)
+    a("--wd", type=float, default=d.wd, help="weight decay (decoupled for adam)")
+    a("--warmup-iters", type=int, default=d.warmup_iters)
+    a("--annealing-iters", type=int, default=d.annealing_iters)
+    a("--save", type=str, default=d.save, help="output folder")
+    a("--val-batchsize", type=_positive_int, default=d.val_batchsize)
+    a("--seed", type=_optional_int, default=d.seed)
+    a("--ema-val", type=_bool, default=d.ema_val, help="validate with the EMA weights")
+    a("--update-freq", type=_positive_int, default=d.update_freq, help="gradient accumulation steps")
+    a("--task", type=str, choices=["density", "classification", "hybrid"], default=d.task)
+    a("--scale-dim", type=_bool, default=d.scale_dim)
+    a("--rcrop-pad-mode", type=str, choices=["constant", "edge", "reflect", "symmetric"], default=d.rcrop_pad_mode)
+    a("--resume", type=str, default=d.resume, help="checkpoint to resume from, or to evaluate / sample from")
+    a("--begin-epoch", type=int, default=d.begin_epoch)
+    a("--nworkers", type=int, default=d.nworkers)
+    a("--print-freq", type=_positive_int, default=d.print_freq)
+    a("--vis-freq", type=_positive_int, default=d.vis_freq)
+    # Ours.
+    a("--max-iters", type=_optional_int, default=d.max_iters, help="stop after this many optimizer steps")
+    a("--evaluate", action="store_true", help="with --resume: report test bits/dim and exit")
+    a("--sample", type=int, default=d.sample, metavar="N", help="with --resume: write a grid of N samples and exit")
+    a("--temp", type=float, default=d.temp, help="sampling temperature (std of z)")
+    a("--nrow", type=_optional_int, default=d.nrow, help="images per row of the sample grid")
+    a("--device", type=str, default=d.device, help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+# Flags that fix the architecture: on --resume they must agree with the checkpoint.
+ARCH_FLAGS = (
+    "data", "imagesize", "padding", "squeeze_first", "block", "idim", "nblocks", "factor_out", "quadratic",
+    "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels", "fc_end",
+    "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
+)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py") -> Tuple[TrainConfig, Set[str]]:
+    """Parse the command line into a config, and the set of flags given explicitly (by dest name)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # Which flags did the user type? Parse again with every default replaced by a sentinel.
+    sentinel = object()
+    probe = build_parser(prog)
+    for action in probe._actions:
+        if action.dest != "help":
+            action.default = sentinel
+    explicit = {k for k, v in vars(probe.parse_args(argv)).items() if v is not sentinel}
+    return TrainConfig(**vars(args)), explicit
+
+
+# Flags that describe this machine or this invocation: always taken from the command line on --resume.
+RUN_FLAGS = ("resume", "dataroot", "nworkers", "device", "evaluate", "sample", "temp", "nrow", "max_iters", "save")
+
+
+def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], checkpoint_path: str) -> TrainConfig:
+    """The checkpoint's flags, overridden by the flags typed on this command line.
+
+    Architecture flags typed explicitly must agree with the checkpoint (compared through the model they
+    build); other flags (lr, epochs, estimator settings...) may change. ``--save`` defaults to the run folder
+    that holds the checkpoint (``RUN/models/x.pth`` -> ``RUN``).
+    """
+    import os
+
+    from .config import ConfigError
+    from .factory import model_config_from
+
+    base = TrainConfig.from_dict(saved)
+    merged = TrainConfig.from_dict(base.to_dict())
+    for k in explicit:
+        setattr(merged, k, getattr(cli, k))
+    for k in RUN_FLAGS:
+        if k not in explicit:
+            setattr(merged, k, getattr(cli, k))
+    if "save" not in explicit:
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        if os.path.basename(folder) == "models":
+            merged.save = os.path.dirname(folder)
+    arch_saved = model_config_from(base).architecture()
+    arch_new = model_config_from(merged).architecture()
+    if arch_saved != arch_new:
+        typed = [k for k in ARCH_FLAGS if k in explicit and getattr(base, k) != getattr(merged, k)]
+        detail = ", ".join(f"--{k.replace('_', '-')} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)
+        raise ConfigError(
+            f"{detail or 'the flags'} conflicts with the architecture stored in {checkpoint_path}; "
+            f"drop them to use the checkpoint's architecture"
+        )
+    return merged

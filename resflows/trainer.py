@@ -1,0 +1,650 @@
+"""Training, validation, evaluation and sampling for image Residual Flows.
+
+``Trainer`` owns one run: the model (wrapped in DistributedDataParallel under ``torchrun``), its EMA copy,
+the optimiser and LR schedule, the data loaders, checkpoints and logs. The loop reads top to bottom in
+``fit``: ``run_step`` -> ``forward_backward`` -> ``optimize`` (clip, step, Lipschitz update, EMA), with
+``validate`` / ``save`` every epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointError, load_state, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, ModelConfig, TrainConfig
+from .datasets import build_dataset, get_spec
+from .distributed import (
+    DistInfo,
+    ResumableDistributedSampler,
+    ShardSampler,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    is_distributed,
+)
+from .factory import image_size, model_config_from, nvals_of
+from .layers.lipschitz import _LipschitzMap
+from .losses import bits_per_dim, padding_logprob
+from .model import ResidualFlow
+
+__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "ModelForward", "compute_loss", "make_optimizer", "setup_logger", "stop_on_signals"]
+
+logger = logging.getLogger("resflows")
+
+MAX_NONFINITE_STEPS = 5
+KEEP_BEST = 5
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss stayed non-finite); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the parameters, kept as a full model copy (DiT-style).
+
+    Buffers follow the training model (ActNorm flags, running means), except the power-iteration state
+    (``u``, ``v``, ``scale``), which belongs to the averaged weights and is re-estimated before use.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._skip = {n for n, _ in self._power_buffers(self.model)}
+
+    @staticmethod
+    def _power_buffers(model: nn.Module):
+        for name, m in model.named_modules():
+            if isinstance(m, _LipschitzMap):
+                for b in ("u", "v", "scale"):
+                    if hasattr(m, b):
+                        yield f"{name}.{b}" if name else b, getattr(m, b)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        src = dict(model.named_buffers())
+        for name, b in self.model.named_buffers():
+            if name not in self._skip:
+                b.copy_(src[name])
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+class LRSchedule:
+    """Linear warm-up over ``--warmup-iters`` batches, then ``--scheduler`` (if set) by epoch:
+    cosine warm restarts (T0 = 20 epochs, Tmult 2) for adam-like optimisers, x0.2 at 60/120/160 for SGD.
+    (The paper's warm-up overwrote the LR every iteration, so its scheduler never applied.)"""
+
+    def __init__(self, cfg: TrainConfig):
+        self.base_lr, self.warmup = cfg.lr, max(cfg.warmup_iters, 0)
+        self.kind = None if not cfg.scheduler else ("multistep" if cfg.optimizer == "sgd" else "cosine")
+
+    def factor(self, itr: int, epoch_float: float) -> float:
+        f = min(1.0, (itr + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.kind == "cosine":
+            t0, t_cur = 20.0, epoch_float
+            while t_cur >= t0:  # warm restarts with doubling periods
+                t_cur -= t0
+                t0 *= 2
+            f *= 0.5 * (1 + math.cos(math.pi * t_cur / t0))
+        elif self.kind == "multistep":
+            f *= 0.2 ** sum(epoch_float >= m for m in (60, 120, 160))
+        return f
+
+    def lr(self, itr: int, epoch_float: float) -> float:
+        return self.base_lr * self.factor(itr, epoch_float)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "base_lr": self.base_lr, "warmup": self.warmup}
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """torch.optim optimisers; ``--wd`` is decoupled for adam (AdamW) and L2 for the others."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.wd)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
+    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}")
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    bpd: Optional[torch.Tensor] = None  # per example
+    logpz: Optional[torch.Tensor] = None
+    logdet: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    crossent: Optional[torch.Tensor] = None
+
+
+def compute_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, image_shape, nvals: int,
+                 beta: float = 1.0) -> LossOut:
+    """The density / classification / hybrid losses of the paper (bits/dim, cross-entropy, their sum).
+
+    ``forward(x, mode)`` is a :class:`ModelForward` (possibly inside DistributedDataParallel).
+    """
+    from .losses import standard_normal_logprob
+
+    out = LossOut(loss=x.new_zeros(()))
+    if cfg.task == "classification":
+        logits = forward(x, "classify")
+        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
+        out.loss = out.crossent
+        return out
+    if cfg.task == "hybrid":
+        z, logdet, logits = forward(x, "hybrid")
+        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
+    else:
+        z, logdet = forward(x, "density")
+    logpu = padding_logprob(x, image_shape[0], nvals, cfg.padding_dist) if cfg.padding else None
+    out.bpd = bits_per_dim(z, logdet, image_shape, nvals, cfg.padding, logpu, beta)
+    out.logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
+    out.logdet = logdet
+    bpd = out.bpd.mean()
+    if cfg.task == "density":
+        out.loss = bpd
+    else:
+        if not cfg.scale_dim:
+            bpd = bpd * math.prod(image_shape)
+        out.loss = bpd + out.crossent / math.log(2)  # cross-entropy in bits
+    return out
+
+
+class ModelForward(nn.Module):
+    """``forward(x, mode)`` over the model's entry points, so DistributedDataParallel wraps one forward:
+    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits."""
+
+    def __init__(self, model: ResidualFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mode: str = "density"):
+        if mode == "classify":
+            return self.model.classify(x)
+        if mode == "hybrid":
+            return self.model.forward_with_logits(x)
+        return self.model(x)
+
+
+def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:
+    """Console and ``SAVE/logs`` logging (rank 0 only)."""
+    log = logging.getLogger("resflows")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        return log
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if save_dir:
+        fh = logging.FileHandler(os.path.join(save_dir, "logs"))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+def _progress(iterable, enabled: bool, **kw):
+    from tqdm import tqdm
+
+    # Quiet when output is not a terminal (logs, CI), and on non-zero ranks.
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run (or an evaluation / sampling job) for ``train_img.py``."""
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, model: ResidualFlow, save_dir: str):
+        self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
+        self.device = dist_info.device
+        self.model = model.to(self.device)
+        spec = get_spec(cfg.data)
+        self.image_shape = (spec.im_dim, image_size(cfg), image_size(cfg))
+        self.nvals = nvals_of(cfg)
+        self.ema: Optional[EMA] = None
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.schedule = LRSchedule(cfg)
+        self.epoch, self.batch_in_epoch, self.itr, self.step = cfg.begin_epoch, 0, 0, 0
+        self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
+        self.last_test_bpd: Optional[float] = None
+        self.stop_signal: Optional[str] = None
+        self.nonfinite_in_a_row = 0
+        self.writer = None
+        self.ddp: Optional[nn.Module] = None
+        self.train_loader = self.test_loader = None
+        self._vis_batch = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    @property
+    def per_rank_batch(self) -> int:
+        return self.cfg.batchsize // self.dist.world_size
+
+    def build_data(self, train: bool = True) -> None:
+        cfg, d = self.cfg, self.dist
+        seed = cfg.seed or 0
+        common = dict(dataroot=cfg.dataroot, imagesize=image_size(cfg), nbits=cfg.nbits, task=cfg.task,
+                      add_noise=cfg.add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
+                      rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed)
+        # More workers than cores only adds contention (torch warns about it): cap at the cores we have.
+        workers = max(0, min(cfg.nworkers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        # Own generator: creating loader iterators must not consume the global RNG (exact resume).
+        loader_kw = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
+                         persistent_workers=workers > 0, generator=torch.Generator())
+        self.test_set = build_dataset(cfg.data, train=False, **common)
+        self.test_set.set_epoch(-1)  # fixed dequantisation noise: test bits/dim comparable across epochs
+        self.test_loader = DataLoader(self.test_set, batch_size=max(cfg.val_batchsize // d.world_size, 1),
+                                      sampler=ShardSampler(len(self.test_set), d.rank, d.world_size), **loader_kw)
+        if train:
+            self.train_set = build_dataset(cfg.data, train=True, **common)
+            if len(self.train_set) < cfg.batchsize:
+                raise ConfigError(f"--batchsize {cfg.batchsize} is larger than the training set ({len(self.train_set)} images)")
+            self.sampler = ResumableDistributedSampler(self.train_set, self.per_rank_batch, d.world_size, d.rank, True, seed)
+            self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                           drop_last=True, **loader_kw)
+
+    def wrap(self) -> None:
+        """Under torchrun: DistributedDataParallel (buffers are synchronised explicitly after each step)."""
+        module = ModelForward(self.model)
+        if is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        else:
+            self.ddp = module
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Data-dependent ActNorm initialisation on a first batch (all ranks, statistics pooled), then the
+        EMA copy, so that it starts from initialised weights."""
+        if is_distributed():
+            for p in self.model.parameters():
+                torch.distributed.broadcast(p.data, 0)
+        x, _ = next(iter(self.train_loader))
+        self.model.train()
+        self.model.transform(x.to(self.device))
+        broadcast_buffers(self.model)
+        self.ema = EMA(self.model)
+
+    def open_writer(self) -> None:
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.save_dir, "tb"))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        rng = rng_state()
+        if is_distributed():
+            gathered: List[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = {"per_rank": gathered}
+        return {
+            "config": self.cfg.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "itr": self.itr,
+            "step": self.step,
+            "best_test_bpd": self.best[0][0] if self.best else None,
+            "best": [list(b) for b in self.best],
+            "last_test_bpd": self.last_test_bpd,
+            "rng": rng,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, best_score: Optional[float] = None, tag: Optional[int] = None) -> None:
+        """``models/most_recent.pth`` always; ``models/checkpt-EPOCH.pth`` kept for the 5 best test bpd
+        (lowest score; accuracy enters as -accuracy for the classification task)."""
+        best_bpd = best_score
+        state = self.state()  # collective under torchrun: every rank takes part
+        if self.dist.is_main:
+            models = os.path.join(self.save_dir, "models")
+            save_checkpoint(os.path.join(models, "most_recent.pth"), state)
+            if best_bpd is not None and math.isfinite(best_bpd):
+                path = os.path.join(models, f"checkpt-{tag:04d}.pth")
+                cand = sorted(self.best + [(best_bpd, tag, path)])
+                if (best_bpd, tag, path) in cand[:KEEP_BEST]:
+                    state["best"] = [list(b) for b in cand[:KEEP_BEST]]
+                    state["best_test_bpd"] = cand[0][0]
+                    save_checkpoint(path, state)
+                    save_checkpoint(os.path.join(models, "most_recent.pth"), state)
+                    for _, _, old in cand[KEEP_BEST:]:
+                        if os.path.exists(old) and old != path:
+                            os.remove(old)
+                self.best = cand[:KEEP_BEST]
+        barrier()
+
+    def restore(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's."""
+        load_state(path, self.model, ckpt["model"])
+        self.ema = EMA(self.model)
+        if ckpt.get("ema") is not None:
+            load_state(path, self.ema.model, ckpt["ema"], "EMA")
+        if ckpt.get("optimizer"):
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                if ckpt.get("format") == "resflows":
+                    raise CheckpointError(f"{path}: its optimizer state does not fit --optimizer {self.cfg.optimizer} ({e})") from None
+                logger.info("optimizer state of the paper checkpoint not used (%s); starting the optimizer afresh", e)
+        if ckpt.get("format") == "resflows":
+            self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+            self.itr, self.step = ckpt["itr"], ckpt.get("step", ckpt["itr"])
+            self.best = [tuple(b) for b in ckpt.get("best") or []]
+            self.last_test_bpd = ckpt.get("last_test_bpd")
+            rng = ckpt.get("rng")
+            if rng and "per_rank" in rng:
+                rng = rng["per_rank"][self.dist.rank] if len(rng["per_rank"]) == self.dist.world_size else None
+                if rng is None:
+                    logger.info("world size changed since the checkpoint: random streams are re-seeded")
+            set_rng_state(rng or {})
+        else:
+            logger.info("resumed from a paper checkpoint: counters restart at epoch %d", self.epoch)
+
+    # -- training ----------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.cfg
+        n_batches = len(self.train_loader)
+        if n_batches == 0:
+            raise ConfigError(f"--batchsize {cfg.batchsize} leaves no full batch per rank in an epoch")
+        logger.info("training: %d batches of %d per epoch per rank, %d rank(s); save folder %s",
+                    n_batches + self.batch_in_epoch, self.per_rank_batch, self.dist.world_size, self.save_dir)
+        start = time.time()
+        while self.epoch < cfg.nepochs:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.train_set.set_epoch(self.epoch)
+            stopped = self.train_epoch()
+            if stopped:
+                self.save()
+                return
+            self.epoch += 1  # the checkpoint resumes at the start of the next epoch
+            self.batch_in_epoch = 0
+            self.end_of_epoch(self.epoch - 1)
+        logger.info("finished %d epochs in %.1f min", cfg.nepochs, (time.time() - start) / 60)
+
+    def train_epoch(self) -> bool:
+        """One epoch; returns True when training must stop (max iters or a signal)."""
+        cfg = self.cfg
+        self.model.train()
+        n_total = len(self.train_loader) + self.batch_in_epoch
+        bar = _progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
+        accum: List[Dict[str, float]] = []
+        for x, y in bar:
+            last_of_epoch = self.batch_in_epoch + 1 == n_total
+            apply = (len(accum) + 1) % cfg.update_freq == 0 or last_of_epoch
+            accum.append(self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device), sync=apply,
+                                               n_accum=cfg.update_freq))
+            self.itr += 1
+            self.batch_in_epoch += 1
+            if not apply:
+                continue
+            metrics = self.optimize(len(accum))
+            if metrics is not None:
+                metrics.update({k: sum(a[k] for a in accum) / len(accum) for k in accum[0]})
+                self.log_step(metrics)
+            accum = []
+            if self.step % cfg.vis_freq == 0 and self.dist.is_main:
+                self.visualize()
+            if cfg.max_iters is not None and self.step >= cfg.max_iters:
+                logger.info("reached --max-iters %d", cfg.max_iters)
+                return True
+            if self.stop_signal:
+                logger.info("received %s: saving and stopping", self.stop_signal)
+                return True
+        return False
+
+    def beta(self) -> float:
+        a = self.cfg.annealing_iters
+        return min(1.0, self.itr / a) if a > 0 else 1.0
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool, n_accum: int) -> Dict[str, float]:
+        lr = self.schedule.lr(self.itr, self.epoch + self.batch_in_epoch / max(len(self.train_loader), 1))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        ctx = self.ddp.no_sync() if (not sync and hasattr(self.ddp, "no_sync")) else contextlib.nullcontext()
+        with ctx:
+            out = compute_loss(self.ddp, x, y, self.cfg, self.image_shape, self.nvals, self.beta())
+            (out.loss / n_accum).backward()
+        m = {"loss": out.loss.item()}
+        if out.bpd is not None:
+            m.update(bpd=out.bpd.mean().item(), logpz=out.logpz.mean().item(), neg_delta_logp=out.logdet.mean().item())
+        if out.crossent is not None:
+            m.update(crossent=out.crossent.item(), acc=(out.logits.argmax(1) == y).float().mean().item())
+        return m
+
+    def optimize(self, n_accum: int) -> Optional[Dict[str, float]]:
+        """Clip, step, Lipschitz update and EMA; a non-finite loss or gradient skips the step."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if n_accum != self.cfg.update_freq:  # a short accumulation at the end of an epoch
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(self.cfg.update_freq / n_accum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # One tiny collective: every rank agrees on skipping and on stopping.
+        flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
+        if is_distributed():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags[1] > 0 and not self.stop_signal:
+            self.stop_signal = "a stop signal on another rank"
+        if flags[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            logger.warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", self.itr, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                raise TrainingError(
+                    f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row (iteration {self.itr}); "
+                    f"the last good checkpoint is in {os.path.join(self.save_dir, 'models')}. "
+                    f"Try a lower --lr, a longer --warmup-iters or a smaller --coeff"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.model.update_lipschitz()
+        broadcast_buffers(self.model)  # bitwise identical buffers on every rank at step boundaries
+        self.ema.update(self.model)
+        return {"grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def log_step(self, m: Dict[str, float]) -> None:
+        if self.step % self.cfg.print_freq and self.step != 1:
+            return
+        m = all_reduce_mean(m, self.device)
+        if not self.dist.is_main:
+            return
+        parts = [f"epoch {self.epoch} | iter {self.itr} | step {self.step}"]
+        if "bpd" in m:
+            parts.append(f"bits/dim {m['bpd']:.4f} | log p(z) {m['logpz']:.2f} | -delta log p {m['neg_delta_logp']:.2f}")
+        if "crossent" in m:
+            parts.append(f"xent {m['crossent']:.4f} | acc {m['acc']:.3f}")
+        parts.append(f"grad norm {m['grad_norm']:.3f} | lr {m['lr']:.2e}")
+        logger.info(" | ".join(parts))
+        if self.writer:
+            w, s = self.writer, self.step
+            # Our bits/dim is the unbiased estimate (not the Neumann surrogate the paper logged).
+            for k, tag in (("bpd", "train/bits_per_dim"), ("logpz", "train/logpz"), ("neg_delta_logp", "train/neg_delta_logp"),
+                           ("grad_norm", "train/grad_norm"), ("lr", "train/lr"), ("crossent", "train/crossent"),
+                           ("acc", "train/accuracy"), ("loss", "train/loss")):
+                if k in m:
+                    w.add_scalar(tag, m[k], s)
+            for name, (m1, m2) in self.model.estimator_moments().items():
+                w.add_scalar(f"estimator_first_moment/{name}", m1, s)
+                w.add_scalar(f"estimator_second_moment/{name}", m2, s)
+
+    def end_of_epoch(self, finished: int) -> None:
+        lips = self.model.lipschitz_constants()
+        if lips:
+            vals = list(lips.values())
+            logger.info("Lipschitz constants: min %.4f mean %.4f max %.4f (%d layers)", min(vals), sum(vals) / len(vals), max(vals), len(vals))
+        if self.model.config.learn_p:
+            logger.info("norm orders: %s", ", ".join(f"{d:.2f}->{c:.2f}" for d, c in self.model.norm_orders().values()))
+        result = self.validate(label=finished)
+        bpd = result.get("test_bpd")
+        self.last_test_bpd = bpd
+        if self.writer:
+            if lips:
+                self.writer.add_histogram("lipschitz_constants", torch.tensor(list(lips.values())), finished)
+            if self.model.config.learn_p:
+                for name, (d, c) in self.model.norm_orders().items():
+                    self.writer.add_scalar(f"norm_orders/{name}.domain", d, finished)
+                    self.writer.add_scalar(f"norm_orders/{name}.codomain", c, finished)
+            for k, v in result.items():
+                if isinstance(v, float) and k != "seconds":
+                    self.writer.add_scalar(f"test/{k}", v, finished)
+        score = bpd if bpd is not None else (-result["test_acc"] if "test_acc" in result else None)
+        self.save(best_score=score, tag=finished)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def eval_model(self) -> ResidualFlow:
+        """EMA weights (unless --ema-val False) with power iterations re-run for them; the training
+        model's u/v are left untouched (the paper leaked the EMA's into them)."""
+        if self.cfg.ema_val and self.ema is not None:
+            model = self.ema.model
+        else:
+            model = self.model
+        model.update_lipschitz()
+        broadcast_buffers(model)
+        return model.eval()
+
+    @torch.no_grad()
+    def validate(self, model: Optional[ResidualFlow] = None, tight: bool = False, label: Optional[int] = None) -> Dict[str, Any]:
+        """Test bits/dim (mean, standard error, count) over every test image exactly once; accuracy for
+        classification / hybrid."""
+        model = model or self.eval_model()
+        if tight:
+            model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, sum bpd, sum bpd^2, correct, xent
+        t0 = time.time()
+        for x, y in _progress(self.test_loader, self.dist.is_main, desc="validate"):
+            x, y = x.to(self.device), y.to(self.device)
+            out = compute_loss(ModelForward(model), x, y, self.cfg, self.image_shape, self.nvals)
+            sums[0] += x.shape[0]
+            if out.bpd is not None:
+                sums[1] += out.bpd.double().sum()
+                sums[2] += (out.bpd.double() ** 2).sum()
+            if out.logits is not None:
+                sums[3] += (out.logits.argmax(1) == y).double().sum()
+                sums[4] += F.cross_entropy(out.logits, y, reduction="sum").double()
+        sums = all_reduce_sum(sums)
+        n = int(sums[0].item())
+        res: Dict[str, Any] = {"n_images": n, "seconds": time.time() - t0}
+        if self.cfg.task != "classification":
+            mean = sums[1].item() / n
+            var = max(sums[2].item() / n - mean**2, 0.0) * n / max(n - 1, 1)
+            res.update(test_bpd=mean, test_bpd_stderr=math.sqrt(var / n))
+        if self.cfg.task != "density":
+            res.update(test_acc=sums[3].item() / n, test_crossent=sums[4].item() / n)
+        msg = f"epoch {label} | test" if label is not None else "test"
+        if "test_bpd" in res:
+            msg += f" bits/dim {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f}"
+        if "test_acc" in res:
+            msg += f" acc {res['test_acc']:.4f}"
+        logger.info("%s (%d images, %.1f s)", msg, n, res["seconds"])
+        return res
+
+    @torch.no_grad()
+    def visualize(self) -> None:
+        """Real images, samples from a fixed z, and reconstructions, as one grid (rank 0)."""
+        from torchvision.utils import make_grid, save_image
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        if self._vis_batch is None:
+            x, _ = next(iter(self.test_loader))
+            g = torch.Generator().manual_seed((self.cfg.seed or 0) + 12345)
+            self._vis_batch = (x[:8].to(self.device), torch.randn(8, model.latent_dim, generator=g).to(self.device))
+        x, z_fixed = self._vis_batch
+        c = self.image_shape[0]
+        samples = model.inverse(z_fixed)[:, :c]
+        recon = model.inverse(model.transform(x))[:, :c]
+        grid = torch.cat([x[:, :c], samples, recon]).clamp(0, 1).cpu()
+        folder = os.path.join(self.save_dir, "imgs")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"e{self.epoch:03d}_i{self.step:06d}.png")
+        save_image(grid, path, nrow=8)
+        if self.writer:
+            self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=8), self.step)
+        model.train(was_training)
+
+    @torch.no_grad()
+    def sample(self, n: int, temp: float, nrow: Optional[int]) -> Optional[str]:
+        """A PNG grid of ``n`` samples ``x = f^{-1}(z)``, ``z ~ N(0, temp^2 I)``, under ``SAVE/samples/``.
+        Called on every rank (the power iterations are collective); rank 0 draws and writes."""
+        from torchvision.utils import save_image
+
+        model = self.eval_model()
+        path = None
+        if self.dist.is_main:
+            c = self.image_shape[0]
+            chunks = []
+            for i in range(0, n, 64):
+                z = torch.randn(min(64, n - i), model.latent_dim, device=self.device) * temp
+                chunks.append(model.inverse(z)[:, :c].clamp(0, 1).cpu())  # drop --padding channels
+            folder = os.path.join(self.save_dir, "samples")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")
+            save_image(torch.cat(chunks), path, nrow=nrow or max(int(math.sqrt(n)), 1))
+        barrier()
+        return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGTERM / SIGINT ask the loop to save ``most_recent.pth`` at the next step and stop cleanly;
+    a second SIGINT interrupts at once."""
+    previous = {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
