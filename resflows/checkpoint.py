@@ -48,6 +48,9 @@ def atomic_save(obj: Any, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -109,8 +112,10 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                 if key not in obj:
                     raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
             return obj
+        if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
+            raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")
         if obj is not None:
-            raise CheckpointError(f"{path}: not a Residual Flows checkpoint (a plain tensor file without model and flags)")
+            raise CheckpointError(f"{path}: not a Residual Flows image checkpoint (no model, flags and weights in it)")
     elif not _looks_like_legacy_torch(path):
         raise CheckpointError(f"{path}: not a checkpoint (neither a torch zip archive nor a legacy torch file; truncated?)")
     try:

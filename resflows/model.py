@@ -314,6 +314,7 @@ class ResidualFlow(nn.Module):
         if config.squeeze_first:
             c, h, w = c * 4, h // 2, w // 2
         self.model_input_size: Size = (c, h, w)
+        self.channels_last = True
         possible = n_scales(h, w)
         if len(config.nblocks) > possible:
             raise ConfigError(
@@ -376,6 +377,7 @@ class ResidualFlow(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _run(self, x: Tensor, with_logdet: bool, classify: bool):
+        x = self._layout(x)
         if self.config.squeeze_first:
             x = squeeze(x, 2)
         logdet = zeros_logdet(x) if with_logdet else None
@@ -433,9 +435,14 @@ class ResidualFlow(nn.Module):
         parts = torch.split(z, sizes, 1)
         return [p.reshape(z.shape[0], *d) for p, d in zip(parts, self.dims)]
 
+    def _layout(self, x: Tensor) -> Tensor:
+        # Channels-last (NHWC) storage makes oneDNN / cuDNN convolutions several times faster; the
+        # logical layout, outputs and the order of z are unchanged.
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def inverse(self, z: Tensor) -> Tensor:
         """``x = f^{-1}(z)`` by fixed-point iteration in every residual block."""
-        zs = self._split_z(z)
+        zs = [self._layout(p) for p in self._split_z(z)]
         x = self.transforms[-1].invert(zs[-1])
         for idx in range(self.n_scale - 2, -1, -1):
             if self.config.factor_out:

@@ -197,7 +197,9 @@ class ModelForward(nn.Module):
 def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:
     """Console and ``SAVE/logs`` logging (rank 0 only)."""
     log = logging.getLogger("resflows")
-    log.handlers.clear()
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     if not is_main:
@@ -246,6 +248,7 @@ class Trainer:
         self.ddp: Optional[nn.Module] = None
         self.train_loader = self.test_loader = None
         self._vis_batch = None
+        self.batches_per_epoch = 1
 
     # -- set-up ----------------------------------------------------------------------------------
     @property
@@ -274,6 +277,8 @@ class Trainer:
             self.sampler = ResumableDistributedSampler(self.train_set, self.per_rank_batch, d.world_size, d.rank, True, seed)
             self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.sampler,
                                            drop_last=True, **loader_kw)
+            # Full epoch length (len(train_loader) shrinks when a resumed epoch skips its first batches).
+            self.batches_per_epoch = self.sampler.num_samples // self.per_rank_batch
 
     def wrap(self) -> None:
         """Under torchrun: DistributedDataParallel (buffers are synchronised explicitly after each step)."""
@@ -380,11 +385,11 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg
-        n_batches = len(self.train_loader)
+        n_batches = self.batches_per_epoch
         if n_batches == 0:
             raise ConfigError(f"--batchsize {cfg.batchsize} leaves no full batch per rank in an epoch")
         logger.info("training: %d batches of %d per epoch per rank, %d rank(s); save folder %s",
-                    n_batches + self.batch_in_epoch, self.per_rank_batch, self.dist.world_size, self.save_dir)
+                    n_batches, self.per_rank_batch, self.dist.world_size, self.save_dir)
         start = time.time()
         while self.epoch < cfg.nepochs:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
@@ -402,7 +407,7 @@ class Trainer:
         """One epoch; returns True when training must stop (max iters or a signal)."""
         cfg = self.cfg
         self.model.train()
-        n_total = len(self.train_loader) + self.batch_in_epoch
+        n_total = self.batches_per_epoch
         bar = _progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
         accum: List[Dict[str, float]] = []
         for x, y in bar:
@@ -434,7 +439,7 @@ class Trainer:
         return min(1.0, self.itr / a) if a > 0 else 1.0
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, sync: bool, n_accum: int) -> Dict[str, float]:
-        lr = self.schedule.lr(self.itr, self.epoch + self.batch_in_epoch / max(len(self.train_loader), 1))
+        lr = self.schedule.lr(self.itr, self.epoch + self.batch_in_epoch / max(self.batches_per_epoch, 1))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         ctx = self.ddp.no_sync() if (not sync and hasattr(self.ddp, "no_sync")) else contextlib.nullcontext()

@@ -92,7 +92,7 @@ def test_only_the_best_five_checkpoints_are_kept(tmp_path, capsys):
 def test_resume_equals_uninterrupted_training(tmp_path, capsys):
     """2N steps == N steps, stop, resume for N more: same parameters, EMA and optimizer state (CPU, fixed
     seed). Batches of 500 make the runs cross epoch boundaries, with validation in between."""
-    args = TINY + ["--batchsize", "500", "--nepochs", "10", "--seed", "5"]
+    args = TINY + ["--batchsize", "500", "--nepochs", "10", "--seed", "5", "--scheduler", "True", "--warmup-iters", "2"]
     run_ok(args + ["--max-iters", "8", "--save", tmp_path / "full"], capsys)
     run_ok(args + ["--max-iters", "4", "--save", tmp_path / "split"], capsys)
     run_ok(args + ["--max-iters", "8", "--resume", tmp_path / "split" / "models" / "most_recent.pth"], capsys)

@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from . import linearize
 from .base import FlowLayer
 
 Tensor = torch.Tensor
@@ -162,6 +163,38 @@ class _DeferredLogDet(torch.autograd.Function):
         return (None, grad_x, None, None, *grad_params)
 
 
+class _LinearizedNeumannLogDet(torch.autograd.Function):
+    """The default training path (Neumann gradient, ``--mem-eff``) for branches that
+    :mod:`resflows.layers.linearize` supports.
+
+    Forward: ``g(x)`` without a graph, the series from hand-written vector-Jacobian products. Only ``x``, the
+    probe ``v`` and the Neumann vector ``u`` are kept. Backward: one differentiable forward-mode pass rebuilds
+    ``g(x)`` and ``J v``, and a single first-order backward of ``sum(grad_g * g) + sum(c_i u_i^T J_i v_i)``
+    gives every gradient, each sample weighted by its own upstream gradient ``c_i``.
+    """
+
+    @staticmethod
+    def forward(ctx, block: "iResBlock", x: Tensor, v: Tensor, weights: List[float], *params: Tensor):
+        g, tape = linearize.primal(block.nnet, x)
+        estimate, nv = _series(lambda w: linearize.tape_vjp(tape, w), v, weights, neumann=True)
+        ctx.block, ctx.tape = block, linearize.strip_tape(tape)
+        ctx.save_for_backward(x, v, nv)
+        return g, estimate
+
+    @staticmethod
+    def backward(ctx, grad_g: Tensor, grad_logdet: Tensor):
+        x, v, nv = ctx.saved_tensors
+        params = [p for p in ctx.block.nnet.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            g, jv = linearize.dual(ctx.block.nnet, x_, v, ctx.tape)
+            total = (g * grad_g).sum() + (nv * _bcast(grad_logdet, nv) * jv).sum()
+            grads = torch.autograd.grad(total, [x_] + params, allow_unused=True)
+        ctx.tape = None
+        grad_params = [torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, grads[1:])]
+        return (None, grads[0], None, None, *grad_params)
+
+
 def _basic_series_with_graph(g: Tensor, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tensor:
     """sum_k (-1)^{k+1} w_k / k v^T J^k v with the whole series differentiable (naive gradients)."""
     logdet = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
@@ -241,6 +274,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         # (e.g. probes fixed per example, to compare runs that must draw the same noise).
         self.probe_fn: Optional[Callable[[Tensor], Tensor]] = None
         self.last_inverse_iters = 0
+        self._linearizable: Optional[bool] = None
+        self.use_linearize = True  # False forces the generic autograd path (used to cross-check it)
         self.register_buffer("last_n_samples", torch.zeros(n_samples))
         self.register_buffer("last_firmom", torch.zeros(1))
         self.register_buffer("last_secmom", torch.zeros(1))
@@ -297,7 +332,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
                 g, logdet = self._estimate_no_graph(x, v, weights)
             elif self.training and self.grad_in_forward:
                 params = [p for p in self.nnet.parameters() if p.requires_grad]
-                g, logdet = _DeferredLogDet.apply(self, x, v, weights, *params)
+                fn = _LinearizedNeumannLogDet if (self.neumann_grad and self.linearizable) else _DeferredLogDet
+                g, logdet = fn.apply(self, x, v, weights, *params)
             elif self.training and self.neumann_grad:
                 g, logdet = self._estimate_neumann(x, v, weights)
             else:
@@ -308,7 +344,18 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
             self._record(logdet.detach(), draws)
         return g, logdet
 
+    @property
+    def linearizable(self) -> bool:
+        """Whether the residual branch has a hand-written linearisation (faster products, less memory)."""
+        if self._linearizable is None:
+            self._linearizable = linearize.supports(self.nnet)
+        return self._linearizable and self.use_linearize
+
     def _estimate_no_graph(self, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tuple[Tensor, Tensor]:
+        if self.linearizable:
+            g, tape = linearize.primal(self.nnet, x)
+            estimate, _ = _series(lambda w: linearize.tape_vjp(tape, w), v, weights, neumann=False)
+            return g, estimate
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             g = self.nnet(x_)

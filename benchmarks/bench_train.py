@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Training-step speed and peak memory for named configurations and gradient modes.
+
+    python benchmarks/bench_train.py --preset make         # what `make bench` runs (~5 min on 2 CPU cores)
+    python benchmarks/bench_train.py --config mnist --mode both naive --steps 10
+    python benchmarks/bench_train.py --config cifar10-b64 --device cuda   # on a GPU
+
+Each measurement runs in a fresh process: model and optimiser are built, ActNorm is initialised, then
+``--warmup`` steps are discarded and the median of ``--steps`` full training steps is reported (forward,
+backward, clip, optimiser step, Lipschitz update, EMA update, exactly as train_img.py does them). Peak memory
+is the process's peak RSS on CPU and ``torch.cuda.max_memory_allocated`` on GPU. ``--sweep`` repeats the
+memory measurement for truncated series of 2, 5, 10 and 20 terms: with Neumann gradients and memory-efficient
+log-det gradients the peak stays flat while naive gradients grow with the number of terms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import CONFIGS, MODES, inputs_for, machine, peak_rss_mb, rss_mb, run_child, table, train_config  # noqa: E402
+
+PRESETS = {
+    # name: list of (config, mode, terms); terms None = the unbiased estimator
+    "make": [("mnist", m, None) for m in MODES] + [("mnist", m, t) for m in ("naive", "both") for t in (2, 5, 10, 20)]
+    + [("cifar10", "both", None), ("toy", "both", None)],
+    "quick": [("mnist", "both", None), ("mnist", "naive", None)],
+}
+
+
+def child(args) -> None:
+    import torch
+
+    from resflows.distributed import DistInfo
+    from resflows.factory import model_config_from
+    from resflows.model import ResidualFlow
+    from resflows.trainer import EMA, Trainer
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        from resflows.runtime import tune_cpu_runtime
+
+        tune_cpu_runtime()  # as train_img.py does
+    torch.manual_seed(0)
+    if args.config == "toy":
+        return child_toy(args, device)
+    cfg = train_config(args.config, n_power_series=args.terms, seed=0, **MODES[args.mode])
+    if args.batch:
+        cfg.batchsize = args.batch
+    model = ResidualFlow(model_config_from(cfg)).to(device)
+    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
+    x = inputs_for(cfg, cfg.batchsize).to(device)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    with torch.no_grad():
+        model.train()
+        model.transform(x)  # data-dependent ActNorm initialisation
+    trainer.ema = EMA(model)
+    trainer.wrap()
+    base = rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        trainer.forward_backward(x, y, sync=True, n_accum=1)
+        trainer.optimize(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    steps = times[args.warmup:]
+    out = {"median_s": statistics.median(steps), "min_s": min(steps), "max_s": max(steps),
+           "images_per_s": cfg.batchsize / statistics.median(steps), "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def child_toy(args, device) -> None:
+    """train_toy.py's default model (100 blocks, 128-128-128-128, batch 500) on 8gaussians, one
+    ToyTrainer.run_step per step (loss, backward, optimiser step, Lipschitz update)."""
+    from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
+
+    cfg = ToyConfig(data="8gaussians", n_power_series=args.terms, test_batch_size=10)
+    model = build_toy_model(cfg)
+    for block in model.iresblocks() if hasattr(model, "iresblocks") else []:
+        block.neumann_grad, block.grad_in_forward = MODES[args.mode]["neumann_grad"], MODES[args.mode]["mem_eff"]
+    trainer = ToyTrainer(cfg, model, device, tempfile.mkdtemp())
+    base = rss_mb()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        trainer.run_step()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    steps = times[args.warmup:]
+    print(json.dumps({"median_s": statistics.median(steps), "min_s": min(steps), "max_s": max(steps),
+                      "images_per_s": cfg.batch_size / statistics.median(steps), "baseline_rss_mb": base,
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a predefined list of measurements")
+    p.add_argument("--config", nargs="*", default=["mnist"], choices=sorted(CONFIGS) + ["toy"])
+    p.add_argument("--mode", nargs="*", default=["both"], choices=sorted(MODES))
+    p.add_argument("--sweep", action="store_true", help="also measure truncated series of 2, 5, 10, 20 terms")
+    p.add_argument("--terms", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help="override the configuration's batch size")
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        args.config, args.mode = args.config[0], args.mode[0]
+        child(args)
+        return 0
+    jobs = PRESETS[args.preset] if args.preset else [(c, m, None) for c in args.config for m in args.mode]
+    if args.sweep and not args.preset:
+        jobs += [(c, m, t) for c in args.config for m in args.mode for t in (2, 5, 10, 20)]
+    rows = []
+    for config, mode, terms in jobs:
+        extra = ["--config", config, "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--device", args.device] + (["--terms", str(terms)] if terms else []) + (["--batch", str(args.batch)] if args.batch else [])
+        res = run_child(os.path.abspath(__file__), extra)
+        row = {"config": config, "mode": mode, "terms": terms or "unbiased", **res}
+        rows.append(row)
+        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()}
+        print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine(), "steps": args.steps, "warmup": args.warmup, "results": rows}, f, indent=2)
+    cols = ["config", "mode", "terms", "median_s", "images_per_s", "baseline_rss_mb", "peak_rss_mb"]
+    if any("cuda_peak_mb" in r for r in rows):
+        cols.append("cuda_peak_mb")
+    print()
+    print(f"machine: {machine()}")
+    print(table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], cols + ["error"]))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The 2-D models of ``train_toy.py``: a chain of residual blocks (``--arch iresnet``) or of affine
+coupling blocks (``--arch realnvp``), as a :class:`ToyFlow` (a ``SequentialFlow`` that owns its
+Lipschitz maintenance). Module names follow the paper's toy script (``chain.<i>.nnet.<j>.weight``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..layers import (
+    ActNorm1d,
+    CouplingBlock,
+    MovingBatchNorm1d,
+    SequentialFlow,
+    get_linear,
+    iResBlock,
+    lipschitz_layers,
+    make_activation,
+    update_lipschitz,
+)
+from ..layers.lipschitz import _LipschitzMap
+from .config import ToyConfig
+
+__all__ = ["ToyFlow", "build_toy_model", "residual_net", "coupling_net"]
+
+
+class ToyFlow(SequentialFlow):
+    """A flow on ``[B, 2]`` points (data -> latent) with its maintenance methods."""
+
+    def __init__(self, layers: Sequence[nn.Module], lipschitz_kwargs: Optional[Dict] = None):
+        super().__init__(layers)
+        self.lipschitz_kwargs = dict(lipschitz_kwargs or dict(n_iterations=None, atol=1e-3, rtol=1e-3))
+
+    def update_lipschitz(self, **overrides) -> int:
+        """Power iterations on every normalised layer (after each optimiser step); defaults from the config."""
+        kw = {**self.lipschitz_kwargs, **overrides}
+        return update_lipschitz(lipschitz_layers(self), **kw)
+
+    def lipschitz_constants(self) -> Dict[str, float]:
+        """min(sigma, coeff) of every normalised layer, from the stored estimates."""
+        return {n: m.lipschitz_constant() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
+
+    def norm_orders(self) -> Dict[str, Tuple[float, float]]:
+        """(domain, codomain) of every normalised layer (changes during training with ``--learn-p``)."""
+        return {n: m.norm_orders() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
+
+    def iresblocks(self) -> List[iResBlock]:
+        return [m for m in self.modules() if isinstance(m, iResBlock)]
+
+    def set_inverse_tolerance(self, atol: float, rtol: float, max_iters: Optional[int] = None) -> None:
+        """Stopping rule of every residual block's fixed-point inverse."""
+        for b in self.iresblocks():
+            b.inverse_atol, b.inverse_rtol = atol, rtol
+            if max_iters is not None:
+                b.inverse_max_iters = max_iters
+
+
+def _orders(cfg: ToyConfig) -> Tuple[list, list]:
+    """Domain and codomain of each linear layer of one residual net.
+
+    Fixed orders: layer i maps p_i -> p_{i+1} (``--vnorms``). ``--mixed False`` uses the 2-norm everywhere
+    (plain spectral normalisation). ``--learn-p``: learnable orders, one per position and shared cyclically
+    (layer i maps p_i -> p_{i+1}, the last maps back to p_0, so the branch is contractive in the p_0 norm);
+    with ``--mixed False`` a single learned order is shared by every layer, as in the paper's toy script.
+    """
+    n = cfg.n_linear
+    if cfg.learn_p:
+        if cfg.mixed:
+            domains = [nn.Parameter(torch.tensor(0.0)) for _ in range(n)]
+        else:
+            domains = [nn.Parameter(torch.tensor(0.0))] * n
+        return domains, domains[1:] + domains[:1]
+    ps = list(cfg.orders) if cfg.mixed else [2.0] * (n + 1)
+    return ps[:-1], ps[1:]
+
+
+def residual_net(cfg: ToyConfig) -> nn.Sequential:
+    """``act, Linear(2, d1), act, ..., act, Linear(dk, 2)`` with Lipschitz-normalised linear layers, the last
+    initialised near zero (the block starts near the identity). ``--batchnorm`` adds mean-only moving batch
+    norms as the image model's residual nets do: before the pre-activation and after every linear layer."""
+    domains, codomains = _orders(cfg)
+    sizes = (2,) + tuple(cfg.dims) + (2,)
+    layers: List[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i == 0 and cfg.batchnorm:
+            layers.append(MovingBatchNorm1d(n_in))
+        layers.append(make_activation(cfg.act))
+        layers.append(get_linear(n_in, n_out, coeff=cfg.coeff, domain=domains[i], codomain=codomains[i],
+                                 n_iterations=cfg.n_lipschitz_iters, atol=cfg.atol, rtol=cfg.rtol,
+                                 zero_init=i == len(sizes) - 2))
+        if cfg.batchnorm:
+            layers.append(MovingBatchNorm1d(n_out))
+    return nn.Sequential(*layers)
+
+
+def coupling_net(cfg: ToyConfig) -> nn.Sequential:
+    """MLP of a coupling block on 2-D data: x_a (1 value) -> (scale pre-activation, shift) of x_b, hidden sizes
+    ``--dims``; the last layer starts at zero so each block starts as a fixed scaling sigmoid(2)."""
+    sizes = (1,) + tuple(cfg.dims) + (2,)
+    layers: List[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(make_activation(cfg.act))
+        layers.append(nn.Linear(n_in, n_out))
+        if cfg.batchnorm:
+            layers.append(MovingBatchNorm1d(n_out))
+    last = [m for m in layers if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers)
+
+
+def build_toy_model(cfg: ToyConfig) -> ToyFlow:
+    """The 2-D flow of ``train_toy.py``: ``[ActNorm] nblocks x (block [ActNorm])``.
+
+    iresnet: residual blocks with the estimator flags (the paper's toy used plain backprop through the
+    series: no Neumann gradient, no backward-in-forward). realnvp: each of the ``nblocks`` steps is two
+    coupling blocks, the second swapped, so both coordinates are transformed (the paper's code crashed here).
+    ``--actnorm`` also puts an ActNorm before the first block, as the paper's toy script.
+    """
+    chain: List[nn.Module] = []
+    if cfg.actnorm:
+        chain.append(ActNorm1d(2))
+    for _ in range(cfg.nblocks):
+        if cfg.arch == "iresnet":
+            chain.append(iResBlock(
+                residual_net(cfg),
+                n_power_series=cfg.n_power_series,
+                exact_trace=cfg.exact_trace,
+                brute_force=cfg.brute_force,
+                n_samples=cfg.n_samples,
+                n_dist=cfg.n_dist,
+                neumann_grad=False,
+                grad_in_forward=False,
+            ))
+        else:
+            chain.append(CouplingBlock(2, coupling_net(cfg), swap=False))
+            chain.append(CouplingBlock(2, coupling_net(cfg), swap=True))
+        if cfg.actnorm:
+            chain.append(ActNorm1d(2))
+    return ToyFlow(chain, cfg.lipschitz_kwargs())
