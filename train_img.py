@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from resflows.checkpoint import CheckpointError, read_checkpoint
-from resflows.cli import merge_resume_config, parse_args
+from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
 from resflows.config import ConfigError, ModelConfig
 from resflows.datasets import DataNotFoundError
 from resflows.distributed import cleanup_distributed, setup_distributed
@@ -30,23 +30,6 @@ from resflows.runtime import tune_cpu_runtime
 from resflows.trainer import Trainer, TrainingError, setup_logger, stop_on_signals
 
 PROG = "train_img.py"
-
-
-def prepare_save_dir(path: str) -> str:
-    """Create ``--save`` (and parents); fail with one line if it cannot be written."""
-    if not path:
-        raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/run1")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--save {path} is a file, not a folder")
-    try:
-        os.makedirs(os.path.join(path, "models"), exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--save {path} is not writable ({e.strerror or e})") from None
-    return path
 
 
 def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trainer], None]] = None) -> int:
@@ -67,7 +50,7 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
-    save_dir = prepare_save_dir(cfg.save) if dist.is_main else cfg.save
+    save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
     log = setup_logger(save_dir, dist.is_main)
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     log.info("seed %d, device %s, %d rank(s)", cfg.seed, dist.device, dist.world_size)

@@ -20,6 +20,7 @@ import torch
 from resflows.checkpoint import CheckpointError
 from resflows.config import ConfigError
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
+from resflows.cli import prepare_save_dir
 from resflows.toy.cli import parse_args
 from resflows.trainer import TrainingError, setup_logger, stop_on_signals
 
@@ -33,21 +34,6 @@ def pick_device(gpu: int) -> torch.device:
     if gpu >= torch.cuda.device_count():
         raise ConfigError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return torch.device(f"cuda:{gpu}")
-
-
-def prepare_save_dir(path: str) -> str:
-    """Create ``--save``; fail with one line if it cannot be written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--save {path} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--save {path} is not writable ({e.strerror or e})") from None
-    return path
 
 
 def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:

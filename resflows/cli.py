@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence, Set, Tuple
 from .config import TrainConfig, parse_bool
 from .datasets import DATASETS
 
-__all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS"]
+__all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "merge_resume_config", "prepare_save_dir"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -28,13 +28,42 @@ def _bool(s: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _optional_int(s: str) -> Optional[int]:
-    if s in ("None", "none", ""):
-        return None
+def _optional(cast, what: str):
+    def parse(s: str):
+        if s in ("None", "none", ""):
+            return None
+        try:
+            return cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or None, got {s!r}") from None
+
+    return parse
+
+
+_optional_int = _optional(int, "an integer")
+_optional_float = _optional(float, "a number")
+
+
+def prepare_save_dir(path: str, subfolders: Sequence[str] = ()) -> str:
+    """Create ``--save`` (with parents and ``subfolders``); fail with one line if it cannot be written."""
+    import os
+
+    from .config import ConfigError
+
+    if not path:
+        raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/run1")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--save {path} is a file, not a folder")
     try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or None, got {s!r}") from None
+        for sub in list(subfolders) or [""]:
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save {path} is not writable ({e.strerror or e})") from None
+    return path
 
 
 def _positive_int(s: str) -> int:

@@ -228,14 +228,18 @@ def _dropout_mask(m: nn.Module, h: Tensor):
 @torch.no_grad()
 def tape_vjp(tape: List[Tuple[str, Any]], w: Tensor) -> Tensor:
     """``w^T J`` for the Jacobian recorded on the tape."""
+    fresh = False  # whether w is a temporary of ours (then multiplications may happen in place)
     for kind, data in reversed(tape):
         if kind == "diag":
-            w = w * data
+            w = w.mul_(data) if fresh else w * data
+            fresh = True
         elif kind == "conv":
             flipped, padding = data  # stride 1, 'same' padding: the adjoint keeps the padding
             w = F.conv2d(_cl(w), flipped, None, 1, padding)
+            fresh = True
         elif kind == "linear":
             w = w @ data
+            fresh = True
         elif kind == "reshape":
             w = w.reshape(data)
         elif kind == "clipswish":

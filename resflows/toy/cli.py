@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..cli import OneLineArgumentParser, _bool, _optional_int
+from ..cli import OneLineArgumentParser, _bool, _optional_float, _optional_int
 from ..config import format_vnorms
 from .config import TOY_ACTIVATIONS, ToyConfig
 from .data import DATASETS
 
 __all__ = ["build_parser", "parse_args"]
-
-
-def _optional_float(s: str) -> Optional[float]:
-    if s in ("None", "none", ""):
-        return None
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or None, got {s!r}") from None
 
 
 def build_parser(prog: str = "train_toy.py") -> argparse.ArgumentParser:
