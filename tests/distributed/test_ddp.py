@@ -95,3 +95,23 @@ def test_batch_not_divisible_by_world_size(tmp_path):
     p = torchrun([REPO / "train_img.py"] + TINY + ["--batchsize", "41", "--save", tmp_path / "run"], timeout=120)
     assert p.returncode != 0
     assert "--batchsize 41 is the global batch and must divide evenly over 2 ranks" in p.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train_img.py")] \
+        + TINY + ["--batchsize", "40", "--save", str(save)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO)
+    deadline = time.time() + 180
+    for line in proc.stdout:
+        if "step 3 " in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends to the launcher
+    out, _ = proc.communicate(timeout=180)
+    ckpt = read_checkpoint(str(save / "models" / "most_recent.pth"))
+    assert ckpt["step"] >= 3 and ckpt["world_size"] == 2
+    assert "received SIGTERM" in out
