@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.resflows-installed
 DEMO_SAVE ?= experiments/demo_digits
-# A small model on scikit-learn's bundled 8x8 digits: about 3 minutes on 2 CPU cores.
+# A small model on scikit-learn's bundled 8x8 digits: about 4 minutes on 2 CPU cores.
 DEMO_FLAGS = --data digits --nblocks 3-3 --idim 64 --fc-idim 128 --batchsize 64 --nepochs 60 \
              --warmup-iters 200 --print-freq 100 --vis-freq 500 --seed 0 --nworkers 0
 

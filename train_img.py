@@ -62,7 +62,7 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     trainer = Trainer(cfg, dist, model, save_dir)
 
     if cfg.evaluate or cfg.sample:
-        trainer.restore(ckpt, cfg.resume)
+        trainer.restore(ckpt, cfg.resume, training=False)
         if cfg.sample:
             path = trainer.sample(cfg.sample, cfg.temp, cfg.nrow)
             if dist.is_main:

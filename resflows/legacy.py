@@ -44,6 +44,11 @@ _STORAGE_DTYPES = {
     "BoolStorage": torch.bool,
 }
 
+# Looked up by name in a fixed table: getattr(torch, name) would let a file trigger torch's lazy imports.
+_DTYPES = {n: getattr(torch, n) for n in (
+    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
+    "int16", "short", "int8", "uint8", "bool", "complex64", "complex128")}
+
 _STAND_IN_PREFIXES = ("resflows.", "lib.", "torch.nn.modules.", "torch.nn.parameter")
 
 
@@ -97,8 +102,9 @@ class _StorageType:
 def _rebuild_tensor(storage: torch.Tensor, storage_offset: int, size, stride, *unused) -> torch.Tensor:
     if not isinstance(storage, torch.Tensor):
         raise NotACheckpointError("malformed tensor record")
-    # A view, not a copy: legacy files fill the storage bytes after the pickle is read.
-    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
+    # A view, not a copy: legacy files fill the storage bytes after the pickle is read. The offset is relative
+    # to the storage record, which may itself be a view (legacy storage views).
+    return storage.as_strided(tuple(size), tuple(stride), storage.storage_offset() + storage_offset)
 
 
 def _rebuild_parameter(data: torch.Tensor, requires_grad: bool = False, backward_hooks=None, *unused) -> torch.Tensor:
@@ -146,8 +152,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]
         if module == "argparse" and name == "Namespace":
             return _stand_in(module, name)
         if module.startswith(_STAND_IN_PREFIXES) or module in ("resflows", "lib"):
@@ -258,7 +264,7 @@ def read_paper_pickle(path: str) -> Any:
 
 
 def _strip_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    if sd and all(k.startswith("module.") for k in sd):
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
         return collections.OrderedDict((k[len("module."):], v) for k, v in sd.items())
     return sd
 
@@ -284,6 +290,8 @@ def load_paper_checkpoint(path: str) -> Dict[str, Any]:
         shadow = _strip_module_prefix(dict(ema.shadow_params))
     elif isinstance(ema, dict):
         shadow = _strip_module_prefix(ema)
+    if shadow is not None and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shadow.items()):
+        raise NotACheckpointError("its EMA record does not hold tensors")
     test_bpd = obj.get("test_bpd")
     try:
         test_bpd = float(test_bpd) if test_bpd is not None else None

@@ -243,6 +243,7 @@ class Trainer:
         self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
         self.last_test_bpd: Optional[float] = None
         self.stop_signal: Optional[str] = None
+        self.stop_now = False  # the stop decision every rank agreed on at the last step
         self.nonfinite_in_a_row = 0
         self.writer = None
         self.ddp: Optional[nn.Module] = None
@@ -263,9 +264,10 @@ class Trainer:
                       rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed)
         # More workers than cores only adds contention (torch warns about it): cap at the cores we have.
         workers = max(0, min(cfg.nworkers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-        # Own generator: creating loader iterators must not consume the global RNG (exact resume).
+        # Own generator: creating loader iterators must not consume the global RNG (exact resume). Workers
+        # are not persistent: each epoch's workers must see the dataset's new epoch (its noise and flips).
         loader_kw = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
-                         persistent_workers=workers > 0, generator=torch.Generator())
+                         persistent_workers=False, generator=torch.Generator())
         self.test_set = build_dataset(cfg.data, train=False, **common)
         self.test_set.set_epoch(-1)  # fixed dequantisation noise: test bits/dim comparable across epochs
         self.test_loader = DataLoader(self.test_set, batch_size=max(cfg.val_batchsize // d.world_size, 1),
@@ -298,7 +300,10 @@ class Trainer:
                 torch.distributed.broadcast(p.data, 0)
         x, _ = next(iter(self.train_loader))
         self.model.train()
-        self.model.transform(x.to(self.device))
+        if self.model.config.classification:
+            self.model.classify(x.to(self.device))  # also initialises the heads' ActNorms
+        else:
+            self.model.transform(x.to(self.device))
         broadcast_buffers(self.model)
         self.ema = EMA(self.model)
 
@@ -355,30 +360,42 @@ class Trainer:
                 self.best = cand[:KEEP_BEST]
         barrier()
 
-    def restore(self, ckpt: Dict[str, Any], path: str) -> None:
-        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's."""
+    def restore(self, ckpt: Dict[str, Any], path: str, training: bool = True) -> None:
+        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's. With
+        ``training=False`` (evaluate / sample) only the weights are taken, so ``--seed`` governs the draws."""
         load_state(path, self.model, ckpt["model"])
         self.ema = EMA(self.model)
         if ckpt.get("ema") is not None:
             load_state(path, self.ema.model, ckpt["ema"], "EMA")
-        if ckpt.get("optimizer"):
+        if not training:
+            return
+        saved_opt = (ckpt.get("config") or {}).get("optimizer")
+        if ckpt.get("optimizer") and saved_opt == self.cfg.optimizer:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, KeyError) as e:
-                if ckpt.get("format") == "resflows":
-                    raise CheckpointError(f"{path}: its optimizer state does not fit --optimizer {self.cfg.optimizer} ({e})") from None
-                logger.info("optimizer state of the paper checkpoint not used (%s); starting the optimizer afresh", e)
+            except Exception as e:  # noqa: BLE001 - any mismatch: the state is unusable, not fatal
+                logger.info("optimizer state in %s not used (%s); starting the optimizer afresh", path, e)
+                self.optimizer = make_optimizer(self.cfg, self.model.parameters())
+            # Flags typed with --resume win over the saved hyperparameters (the LR is set every step).
+            for g in self.optimizer.param_groups:
+                g["weight_decay"] = self.cfg.wd
+        elif ckpt.get("optimizer"):
+            logger.info("--optimizer %s differs from the checkpoint's (%s): starting the optimizer afresh", self.cfg.optimizer, saved_opt)
         if ckpt.get("format") == "resflows":
             self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
             self.itr, self.step = ckpt["itr"], ckpt.get("step", ckpt["itr"])
             self.best = [tuple(b) for b in ckpt.get("best") or []]
             self.last_test_bpd = ckpt.get("last_test_bpd")
-            rng = ckpt.get("rng")
-            if rng and "per_rank" in rng:
+            rng = ckpt.get("rng") or {}
+            if "per_rank" in rng:
                 rng = rng["per_rank"][self.dist.rank] if len(rng["per_rank"]) == self.dist.world_size else None
-                if rng is None:
-                    logger.info("world size changed since the checkpoint: random streams are re-seeded")
-            set_rng_state(rng or {})
+            elif self.dist.world_size > 1:
+                rng = None  # one saved stream would make every rank draw the same probes and series lengths
+            if rng is None:
+                logger.info("the checkpoint's random streams do not fit %d rank(s): re-seeding per rank", self.dist.world_size)
+                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + 7919 * (self.step + 1))
+            else:
+                set_rng_state(rng)
         else:
             logger.info("resumed from a paper checkpoint: counters restart at epoch %d", self.epoch)
 
@@ -429,7 +446,7 @@ class Trainer:
             if cfg.max_iters is not None and self.step >= cfg.max_iters:
                 logger.info("reached --max-iters %d", cfg.max_iters)
                 return True
-            if self.stop_signal:
+            if self.stop_now:
                 logger.info("received %s: saving and stopping", self.stop_signal)
                 return True
         return False
@@ -465,7 +482,10 @@ class Trainer:
         flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
         if is_distributed():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        if flags[1] > 0 and not self.stop_signal:
+        # Decide on the agreed value only: a signal arriving after this point waits for the next step,
+        # otherwise one rank could stop (and enter save's collectives) while another trains on.
+        self.stop_now = bool(flags[1] > 0)
+        if self.stop_now and not self.stop_signal:
             self.stop_signal = "a stop signal on another rank"
         if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)

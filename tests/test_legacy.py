@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+import subprocess
 import sys
 import types
 
@@ -144,3 +145,17 @@ def test_truncated_paper_checkpoint(tmp_path, legacy):
     cut.write_bytes(path.read_bytes()[:20000])
     with pytest.raises(CheckpointError, match=str(cut)):
         read_checkpoint(str(cut))
+
+
+def test_names_in_the_file_do_not_trigger_imports(tmp_path):
+    """``torch._dynamo`` named by a pickle is refused without importing it (torch imports lazily)."""
+    import zipfile
+
+    path = tmp_path / "lazy.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02ctorch\n_dynamo\nq\x00.")
+    code = (f"import sys, torch; from resflows.legacy import read_paper_pickle, NotACheckpointError\n"
+            f"try:\n    read_paper_pickle({str(path)!r})\nexcept NotACheckpointError:\n    pass\n"
+            f"print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

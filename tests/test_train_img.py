@@ -89,10 +89,13 @@ def test_only_the_best_five_checkpoints_are_kept(tmp_path, capsys):
 
 
 # -- resume ------------------------------------------------------------------------------------------------
-def test_resume_equals_uninterrupted_training(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_equals_uninterrupted_training(tmp_path, capsys, workers):
     """2N steps == N steps, stop, resume for N more: same parameters, EMA and optimizer state (CPU, fixed
-    seed). Batches of 500 make the runs cross epoch boundaries, with validation in between."""
-    args = TINY + ["--batchsize", "500", "--nepochs", "10", "--seed", "5", "--scheduler", "True", "--warmup-iters", "2"]
+    seed). Batches of 500 make the runs cross epoch boundaries, with validation in between; with DataLoader
+    workers every epoch must still get its own dequantisation noise."""
+    args = TINY + ["--batchsize", "500", "--nepochs", "10", "--seed", "5", "--scheduler", "True", "--warmup-iters", "2",
+                   "--nworkers", workers]
     run_ok(args + ["--max-iters", "8", "--save", tmp_path / "full"], capsys)
     run_ok(args + ["--max-iters", "4", "--save", tmp_path / "split"], capsys)
     run_ok(args + ["--max-iters", "8", "--resume", tmp_path / "split" / "models" / "most_recent.pth"], capsys)
@@ -105,6 +108,25 @@ def test_resume_equals_uninterrupted_training(tmp_path, capsys):
     for pid, st in full["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(split["optimizer"]["state"][pid][k])), (pid, k)
+
+
+def test_resume_takes_typed_optimizer_flags(tmp_path, capsys):
+    run_ok(TINY + ["--max-iters", "2", "--save", tmp_path / "run"], capsys)
+    ckpt = tmp_path / "run" / "models" / "most_recent.pth"
+    run_ok(["--resume", ckpt, "--max-iters", "3", "--wd", "0.1", "--nworkers", "0"], capsys)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["step"] == 3 and saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    out = run_ok(["--resume", ckpt, "--max-iters", "4", "--optimizer", "sgd", "--nworkers", "0"], capsys)
+    assert "starting the optimizer afresh" in out
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+
+
+def test_classification_heads_are_initialised_before_the_ema_copy(tmp_path, capsys):
+    run_ok(TINY + ["--max-iters", "1", "--task", "hybrid", "--save", tmp_path / "run"], capsys)
+    ckpt = torch.load(tmp_path / "run" / "models" / "most_recent.pth", weights_only=True)
+    key = "classification_heads.0.1.bias"
+    assert int(ckpt["ema"]["classification_heads.0.1.initialized"]) == 1
+    assert torch.allclose(ckpt["ema"][key], ckpt["model"][key], atol=1e-2) and ckpt["ema"][key].abs().sum() > 0
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -420,17 +420,28 @@ def _closed_form_setting(domain: float, codomain: float) -> Tuple[str, float]:
 class _ClosedForm(_LipschitzMap):
     """Operator norms with a closed form: ||A||_{1->q} = max_j ||A e_j||_q and
     ||A||_{p->inf} = max_i ||A_i||_{p*}. For a stride-1 convolution these are attained at an interior
-    pixel, so they only depend on the kernel: max over input (output) channels of the norm over the rest."""
+    pixel, so they only depend on the kernel: max over input (output) channels of the norm over the rest.
+
+    As in the paper's code (``local_constraint``), each column (domain 1) or row (codomain inf) is rescaled
+    on its own to norm at most ``coeff``, which bounds the maximum, i.e. the operator norm, by ``coeff``.
+    """
 
     def _setup_closed_form(self, domain: float, codomain: float) -> None:
         self._set_orders(domain, codomain)
         self._mode, self._norm_type = _closed_form_setting(float(domain), float(codomain))
 
-    def sigma(self) -> Tensor:
+    def _slice_norms(self) -> Tensor:
+        """Norm of every column (input channel) or row (output channel), shaped to broadcast on the weight."""
         w = self.weight
         dim = 1 if self._mode == "col" else 0  # the channel kept; the norm runs over the others
         other = [d for d in range(w.dim()) if d != dim]
-        return torch.linalg.vector_norm(w, ord=self._norm_type, dim=other).max()
+        return torch.linalg.vector_norm(w, ord=self._norm_type, dim=other, keepdim=True)
+
+    def sigma(self) -> Tensor:
+        return self._slice_norms().max()
+
+    def normalized_weight(self) -> Tensor:
+        return self.weight / torch.clamp(self._slice_norms() / self.coeff, min=1.0)
 
 
 class LopLinear(_ClosedForm):

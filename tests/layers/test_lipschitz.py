@@ -107,6 +107,23 @@ def test_closed_form_norms_match_bruteforce(p, q):
     assert ratios.max().item() <= lin.sigma().item() * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("p,q", [(1, 2), (2, INF), (INF, INF)])
+def test_closed_form_layers_rescale_each_column_or_row(p, q):
+    torch.manual_seed(3)
+    lin = get_linear(6, 5, coeff=0.9, domain=p, codomain=q).double()
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.2, 6.0, 6, dtype=D64))  # some columns above coeff, some below
+        lin.weight.mul_(torch.linspace(0.2, 6.0, 5, dtype=D64).view(5, 1))
+    w = lin.normalized_weight().detach()
+    assert induced_norm_bruteforce(w, p, q) <= 0.9 * (1 + 1e-12)
+    dim = 0 if p == 1 else 1  # the norm of a column (p = 1) runs over rows
+    pd = q if p == 1 else (1.0 if p == INF else p / (p - 1))
+    before = torch.linalg.vector_norm(lin.weight.detach(), ord=pd, dim=dim)
+    after = torch.linalg.vector_norm(w, ord=pd, dim=dim)
+    small = before <= 0.9
+    assert torch.allclose(after[small], before[small]) and torch.allclose(after[~small], torch.full_like(after[~small], 0.9))
+
+
 @pytest.mark.parametrize("p,q", [(3, 3), (2, 3), (3, 2)])
 def test_generalised_power_method_on_small_matrix(p, q):
     torch.manual_seed(2)
