@@ -35,6 +35,7 @@ from .layers import (
     make_activation,
     update_lipschitz,
 )
+from .layers import linearize
 from .layers.base import FlowLayer, zeros_logdet
 from .layers.coupling import coupling_split
 from .layers.lipschitz import _LipschitzMap
@@ -113,6 +114,10 @@ class FCNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.nnet(x.reshape(x.shape[0], -1))
         return y.reshape(y.shape[0], *self.out_shape)
+
+
+# The same map for the hand-written linearisation of residual branches (see resflows.layers.linearize).
+linearize.register(FCNet, linearize.flattened(lambda m: m.nnet, lambda m: m.out_shape))
 
 
 class _HeadActNorm(ActNorm2d):

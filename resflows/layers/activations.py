@@ -1,11 +1,24 @@
-"""Activations for Lipschitz-constrained residual branches (all 1-Lipschitz unless stated)."""
+"""Activations for Lipschitz-constrained residual branches (all 1-Lipschitz unless stated).
+
+Each element-wise activation's derivative is defined here, next to its value, once: the hand-written
+linearisation (:mod:`resflows.layers.linearize`) takes both from ``SLOPES`` and ``lipswish_dual`` (its
+tests compare them with autograd through the forward below), and the autograd route differentiates the
+same forward.
+"""
 from __future__ import annotations
+
+from typing import Callable, Dict, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+# Swish_b(x) = x sigmoid(b x) has Lipschitz constant at most 1.1 for every b > 0 (Chen et al. 2019, Sec. 4).
+LIPSWISH_SCALE = 1.1
+# [LipSwish(x), LipSwish(-x)] has Lipschitz constant at most 1.004 (Perugachi-Diaz et al. 2021).
+CLIPSWISH_SCALE = 1.004
 
 __all__ = [
     "LipSwish",
@@ -17,6 +30,11 @@ __all__ = [
     "LipschitzCube",
     "ACTIVATIONS",
     "make_activation",
+    "LIPSWISH_SCALE",
+    "CLIPSWISH_SCALE",
+    "SLOPES",
+    "lipswish_dual",
+    "clipswish_value_and_slope",
 ]
 
 
@@ -30,7 +48,58 @@ class LipSwish(nn.Module):
         self.beta = nn.Parameter(torch.tensor([0.5]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x * F.softplus(self.beta)) / 1.1
+        return _lipswish(x, F.softplus(self.beta))[0]
+
+
+def _lipswish(x: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """LipSwish with slope ``b``: ``f(x) = x s / 1.1`` and ``s = sigmoid(b x)`` (the derivatives reuse s)."""
+    s = torch.sigmoid(x * b)
+    return x * s / LIPSWISH_SCALE, s
+
+
+def _lipswish_slope(x: Tensor, b: Tensor, s: Tensor) -> Tensor:
+    """f'(x) = (s + b x s (1 - s)) / 1.1."""
+    return torch.addcmul(s, x * b, s * (1 - s)) / LIPSWISH_SCALE
+
+
+def _lipswish_value_and_slope(m: "LipSwish", x: Tensor) -> Tuple[Tensor, Tensor]:
+    b = F.softplus(m.beta)
+    y, s = _lipswish(x, b)
+    return y, _lipswish_slope(x, b, s)
+
+
+class _LipSwishDual(torch.autograd.Function):
+    """(x, t, beta) -> (f(x), f'(x) t) with a hand-written backward: one fused pass instead of autograd's
+    generic second-order graph of the element-wise ops. Only (x, t, beta) are saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, beta: Tensor):
+        b = F.softplus(beta)
+        y, s = _lipswish(x, b)
+        ctx.save_for_backward(x, t, beta)
+        return y, _lipswish_slope(x, b, s) * t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor, gdt: Tensor):
+        x, t, beta = ctx.saved_tensors
+        b = F.softplus(beta)
+        _, s = _lipswish(x, b)
+        q = s * (1 - s)
+        # f''(x) = b r and df'/db = x r with r = q (2 + b x (1 - 2 s)) / 1.1;  df/db = x^2 q / 1.1
+        r = q * (2 + x * b * (1 - 2 * s)) / LIPSWISH_SCALE
+        d = _lipswish_slope(x, b, s)
+        gt = gdt * t
+        grad_x = torch.addcmul(gy * d, gt, r, value=float(b))
+        grad_t = gdt * d
+        grad_b = (gy * x * x * q).sum() / LIPSWISH_SCALE + (gt * x * r).sum()
+        grad_beta = (grad_b * torch.sigmoid(beta)).reshape(beta.shape)  # d softplus / d beta = sigmoid
+        return grad_x, grad_t, grad_beta
+
+
+def lipswish_dual(m: "LipSwish", x: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(f(x), f'(x) t)`` for a LipSwish module, differentiable w.r.t. ``x``, ``t`` and ``beta``."""
+    return _LipSwishDual.apply(x, t, m.beta)
 
 
 Swish = LipSwish  # the paper's name for it (`--act swish`)
@@ -47,7 +116,19 @@ class CLipSwish(nn.Module):
         self.swish = LipSwish()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.swish(torch.cat([x, -x], 1)) / 1.004
+        return self.swish(torch.cat([x, -x], 1)) / CLIPSWISH_SCALE
+
+
+def clipswish_value_and_slope(m: CLipSwish, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(f(x), d)`` with Jacobian ``diag(d) [I; -I]``: the LipSwish slope at ``[x, -x]`` over 1.004."""
+    y, d = _lipswish_value_and_slope(m.swish, torch.cat([x, -x], 1))
+    return y / CLIPSWISH_SCALE, d / CLIPSWISH_SCALE
+
+
+def clipswish_dual(m: CLipSwish, x: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(f(x), J t)`` for CLipSwish through the fused LipSwish pass."""
+    y, jt = lipswish_dual(m.swish, torch.cat([x, -x], 1), torch.cat([t, -t], 1))
+    return y / CLIPSWISH_SCALE, jt / CLIPSWISH_SCALE
 
 
 class Identity(nn.Module):
@@ -78,6 +159,49 @@ class LipschitzCube(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.where(x >= 1, x - 2 / 3, torch.where(x <= -1, x + 2 / 3, x**3 / 3))
+
+
+# Derivatives of torch's element-wise activations, from the input x and torch's own value y = f(x).
+# Each is used for the exact type only: a subclass may compute something else (and then falls back to
+# autograd). In-place variants are not linearised (see linearize.supports).
+def _elu_slope(m: nn.ELU, x: Tensor, y: Tensor) -> Tensor:
+    return torch.where(x > 0, torch.ones_like(y), y + m.alpha)  # alpha (e^x - 1) + alpha = alpha e^x
+
+
+def _softplus_slope(m: nn.Softplus, x: Tensor, y: Tensor) -> Tensor:
+    bx = x * m.beta  # torch returns x itself above the threshold
+    return torch.where(bx > m.threshold, torch.ones_like(y), torch.sigmoid(bx))
+
+
+def _relu_slope(m: nn.ReLU, x: Tensor, y: Tensor) -> Tensor:
+    return (x > 0).to(y.dtype)
+
+
+def _tanh_slope(m: nn.Tanh, x: Tensor, y: Tensor) -> Tensor:
+    return 1 - y * y
+
+
+def _lcube_slope(m: LipschitzCube, x: Tensor, y: Tensor) -> Tensor:
+    return torch.where(x.abs() < 1, x * x, torch.ones_like(y))
+
+
+def _from_value(slope: Callable[[nn.Module, Tensor, Tensor], Tensor]):
+    def value_and_slope(m: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
+        y = m(x)
+        return y, slope(m, x, y)
+
+    return value_and_slope
+
+
+# Exact type -> value_and_slope(module, x) = (f(x), f'(x)), both differentiable (torch ops).
+SLOPES: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor]]] = {
+    LipSwish: _lipswish_value_and_slope,
+    nn.ELU: _from_value(_elu_slope),
+    nn.Softplus: _from_value(_softplus_slope),
+    nn.ReLU: _from_value(_relu_slope),
+    nn.Tanh: _from_value(_tanh_slope),
+    LipschitzCube: _from_value(_lcube_slope),
+}
 
 
 

@@ -12,108 +12,160 @@ differentiable forward pass (each linear layer applied to the primal and the tan
 giving ``f(h)`` and ``f'(h) t``), so ``d(u^T J v)`` needs only first-order backpropagation and the block's
 graph can be rebuilt in its own backward pass instead of being kept through the whole model.
 
-Only the modules listed in ``_HANDLERS`` are supported; :func:`supports` tells whether a branch can be
-linearised, and callers fall back to autograd otherwise.
+Dispatch is by exact module type through ``HANDLERS``: a subclass (which may compute something else) is
+not linearised, and :func:`supports` sends the whole branch to autograd. Activations take their value and
+derivative from :mod:`resflows.layers.activations` (defined there once).
+
+Adding a layer type: ``register(MyLayer, Handler(primal, vjp, dual, keep, ok))``, next to the layer's
+class (see ``Handler``; containers call :func:`primal`, :func:`tape_vjp`, :func:`dual` and
+:func:`strip_tape` on their children, as ``FCNet``'s registration in ``resflows/model.py`` does), and a
+case in ``tests/layers/test_linearize.py``, whose completeness test fails until there is one.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple, Type
+from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activations import CLipSwish, Identity, LipschitzCube, LipSwish
+from .activations import SLOPES, CLipSwish, Identity, LipSwish, clipswish_dual, clipswish_value_and_slope, lipswish_dual
 from .lipschitz import InducedNormConv2d, InducedNormLinear, LopConv2d, LopLinear
-from .normalization import MovingBatchNormNd
+from .normalization import MovingBatchNorm1d, MovingBatchNorm2d
 
 Tensor = torch.Tensor
 
-__all__ = ["supports", "primal", "tape_vjp", "dual"]
+__all__ = ["Handler", "HANDLERS", "register", "supports", "primal", "tape_vjp", "dual", "strip_tape", "Tape"]
+
+
+class Handler(NamedTuple):
+    """How one exact module type is linearised.
+
+    * ``primal(m, x) -> (y, data)``: ``y = m(x)`` (called without a graph) and what the transpose needs.
+    * ``vjp(data, w, inplace) -> w^T J``; ``inplace``: ``w`` is a temporary of ours and may be overwritten.
+    * ``dual(m, x, t, data) -> (m(x), J t)`` with torch ops (differentiable w.r.t. ``x``, ``t`` and the
+      parameters); ``data`` has been through ``keep``.
+    * ``keep(data)``: what a recomputation must reuse (batch-norm means, dropout masks); the rest is freed.
+    * ``ok(m)``: whether this instance can be linearised (e.g. the convolution's geometry).
+    """
+
+    primal: Callable[[nn.Module, Tensor], Tuple[Tensor, Any]]
+    vjp: Callable[[Any, Tensor, bool], Tensor]
+    dual: Callable[[nn.Module, Tensor, Tensor, Any], Tuple[Tensor, Tensor]]
+    keep: Callable[[Any], Any] = lambda data: None
+    ok: Callable[[nn.Module], bool] = lambda m: True
+
+
+class Tape(NamedTuple):
+    """A module's handler and its recorded data (for containers: the children's tapes)."""
+
+    handler: Handler
+    data: Any
+
+
+HANDLERS: Dict[Type[nn.Module], Handler] = {}
+
+
+def register(cls: Type[nn.Module], handler: Handler) -> None:
+    """Linearise modules of exactly this type with ``handler``."""
+    HANDLERS[cls] = handler
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether :func:`primal` / :func:`dual` can linearise this residual branch."""
+    handler = HANDLERS.get(type(module))
+    return handler is not None and handler.ok(module)
+
+
+@torch.no_grad()
+def primal(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tape]:
+    """``g(x)`` without a graph, and the tape: per layer what its transpose needs (normalised weight,
+    activation derivative, reshape) plus the state a recomputation must reuse (batch-norm means used,
+    dropout masks)."""
+    handler = HANDLERS[type(module)]
+    y, data = handler.primal(module, x)
+    return y, Tape(handler, data)
+
+
+@torch.no_grad()
+def tape_vjp(tape: Tape, w: Tensor, inplace: bool = False) -> Tensor:
+    """``w^T J`` for the Jacobian recorded on the tape (``w`` itself is never modified unless ``inplace``)."""
+    return tape.handler.vjp(tape.data, w, inplace)
+
+
+def strip_tape(tape: Tape) -> Tape:
+    """Keep only what a recomputation must reuse (batch-norm means, dropout masks), freeing the derivative
+    caches and weights."""
+    return Tape(tape.handler, tape.handler.keep(tape.data))
+
+
+def dual(module: nn.Module, x: Tensor, t: Tensor, tape: Tape) -> Tuple[Tensor, Tensor]:
+    """``(g(x), J_g(x) t)`` built with torch ops (differentiable w.r.t. ``x`` and the parameters),
+    reusing the batch-norm means and dropout masks of the forward pass recorded on ``tape``."""
+    return tape.handler.dual(module, x, t, tape.data)
 
 
 # ------------------------------------------------------------------------------------------------
-# Activations: value and derivative from the pre-activation (both in torch ops, so differentiable)
+# Containers
 # ------------------------------------------------------------------------------------------------
-_INV_11 = 1 / 1.1
+def _storage(w: Tensor) -> int:
+    return w.untyped_storage().data_ptr()
 
 
-def _lipswish_terms(h: Tensor, b: Tensor):
-    """s = sigmoid(b h), q = s (1 - s), f = h s / 1.1, f' = (s + b h q) / 1.1, with few passes over memory."""
-    bh = h * b
-    s = torch.sigmoid(bh)
-    q = torch.addcmul(s, s, s, value=-1.0)
-    d = torch.addcmul(s, bh, q).mul_(_INV_11)
-    return bh, s, q, d
+def _chain_vjp(tapes: Sequence[Tape], w: Tensor, inplace: bool) -> Tensor:
+    caller = _storage(w)  # never write into the caller's memory (views of it included) unless allowed
+    for tape in reversed(tapes):
+        w = tape.handler.vjp(tape.data, w, inplace or _storage(w) != caller)
+    return w
 
 
-def _lipswish(m: LipSwish, h: Tensor) -> Tuple[Tensor, Tensor]:
-    """LipSwish value and derivative (no graph: used by the primal pass)."""
-    b = F.softplus(m.beta)
-    _, s, _, d = _lipswish_terms(h, b)
-    return (h * s).mul_(_INV_11), d
+def _seq_primal(m: nn.Sequential, x: Tensor):
+    tapes = []
+    for child in m:
+        x, tape = primal(child, x)
+        tapes.append(tape)
+    return x, tapes
 
 
-class _DualLipSwish(torch.autograd.Function):
-    """(h, t, beta) -> (f(h), f'(h) t) for LipSwish with a hand-written backward: one fused pass instead of
-    autograd's generic second-order graph of the element-wise ops. Only (h, t) are saved."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, t: Tensor, beta: Tensor):
-        b = F.softplus(beta)
-        _, s, _, d = _lipswish_terms(h, b)
-        ctx.save_for_backward(h, t, beta)
-        return (h * s).mul_(_INV_11), d.mul_(t)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: Tensor, gdt: Tensor):
-        h, t, beta = ctx.saved_tensors
-        b = F.softplus(beta)
-        bh, s, q, d = _lipswish_terms(h, b)
-        # f''(h) = b q (2 + b h (1 - 2 s)) / 1.1;  df'/db = (h / b) f''(h);  df/db = h^2 q / 1.1
-        r = torch.addcmul(torch.full_like(s, 2.0), bh, torch.mul(s, -2.0).add_(1.0)).mul_(q).mul_(_INV_11)
-        gt = gdt * t
-        grad_h = torch.addcmul(gy * d, gt, r, value=float(b))
-        grad_t = gdt * d
-        grad_b = (gy * h * h * q).sum() * _INV_11 + (gt * h * r).sum()
-        grad_beta = (grad_b * torch.sigmoid(beta)).reshape(beta.shape)
-        return grad_h, grad_t, grad_beta
+def _seq_dual(m: nn.Sequential, x: Tensor, t: Tensor, tapes):
+    for child, tape in zip(m, tapes):
+        x, t = dual(child, x, t, tape)
+    return x, t
 
 
-def _elu(m: nn.ELU, h: Tensor) -> Tuple[Tensor, Tensor]:
-    e = m.alpha * torch.expm1(torch.clamp(h, max=0.0))
-    return torch.where(h > 0, h, e), torch.where(h > 0, torch.ones_like(h), e + m.alpha)
+register(nn.Sequential, Handler(
+    primal=_seq_primal,
+    vjp=_chain_vjp,
+    dual=_seq_dual,
+    keep=lambda tapes: [strip_tape(tp) for tp in tapes],
+    ok=lambda m: all(supports(child) for child in m),
+))
 
 
-def _softplus(m: nn.Softplus, h: Tensor) -> Tuple[Tensor, Tensor]:
-    return F.softplus(h, m.beta, m.threshold), torch.where(h * m.beta > m.threshold, torch.ones_like(h), torch.sigmoid(h * m.beta))
+def flattened(inner: Callable[[nn.Module], nn.Module], out_shape: Callable[[nn.Module], Sequence[int]]) -> Handler:
+    """Handler of a module computing ``inner(x.reshape(B, -1)).reshape(B, *out_shape)`` (e.g. ``FCNet``)."""
+
+    def _primal(m, x):
+        y, tape = primal(inner(m), x.reshape(x.shape[0], -1))
+        return y.reshape(y.shape[0], *out_shape(m)), (x.shape, y.shape, tape)
+
+    def _vjp(data, w, inplace):
+        in_shape, flat_shape, tape = data
+        return tape_vjp(tape, w.reshape(flat_shape), inplace).reshape(in_shape)
+
+    def _dual(m, x, t, data):
+        flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+        y, jt = dual(inner(m), flat(x), flat(t), data[2])
+        return y.reshape(y.shape[0], *out_shape(m)), jt.reshape(jt.shape[0], *out_shape(m))
+
+    return Handler(_primal, _vjp, _dual, keep=lambda data: (None, None, strip_tape(data[2])), ok=lambda m: supports(inner(m)))
 
 
-def _relu(m: nn.ReLU, h: Tensor) -> Tuple[Tensor, Tensor]:
-    return torch.relu(h), (h > 0).to(h.dtype)
-
-
-def _tanh(m: nn.Tanh, h: Tensor) -> Tuple[Tensor, Tensor]:
-    y = torch.tanh(h)
-    return y, 1 - y * y
-
-
-def _lcube(m: LipschitzCube, h: Tensor) -> Tuple[Tensor, Tensor]:
-    inside = h.abs() < 1
-    return m(h), torch.where(inside, h * h, torch.ones_like(h))
-
-
-_ACTIVATIONS: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor]]] = {
-    LipSwish: _lipswish,
-    nn.ELU: _elu,
-    nn.Softplus: _softplus,
-    nn.ReLU: _relu,
-    nn.Tanh: _tanh,
-    LipschitzCube: _lcube,
-}
-_LINEAR = (InducedNormLinear, LopLinear, nn.Linear)
-_CONV = (InducedNormConv2d, LopConv2d, nn.Conv2d)
+# ------------------------------------------------------------------------------------------------
+# Linear maps
+# ------------------------------------------------------------------------------------------------
+def _weight(m: nn.Module) -> Tensor:
+    return m.normalized_weight() if hasattr(m, "normalized_weight") else m.weight
 
 
 def _cl(x: Tensor) -> Tensor:
@@ -121,179 +173,113 @@ def _cl(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _weight(m: nn.Module) -> Tensor:
-    return m.normalized_weight() if hasattr(m, "normalized_weight") else m.weight
+def _linear_primal(m, x):
+    w = _weight(m)
+    return F.linear(x, w, m.bias), w
+
+
+def _linear_dual(m, x, t, data):
+    w = _weight(m)
+    return F.linear(x, w, m.bias), F.linear(t, w)
 
 
 def _conv_ok(m: nn.Module) -> bool:
-    stride, dilation = m.stride, getattr(m, "dilation", (1, 1))
-    groups = getattr(m, "groups", 1)
-    k, pad = m.kernel_size, m.padding
-    same = all(isinstance(p, int) and 2 * p == kk - 1 for p, kk in zip(pad, k))
-    return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and same
+    # Stride 1 and 'same' zero padding: then the adjoint is a convolution with the same padding.
+    same = all(isinstance(p, int) and 2 * p == k - 1 for p, k in zip(m.padding, m.kernel_size))
+    return (tuple(m.stride) == (1, 1) and tuple(getattr(m, "dilation", (1, 1))) == (1, 1)
+            and getattr(m, "groups", 1) == 1 and getattr(m, "padding_mode", "zeros") == "zeros" and same)
 
 
-def supports(module: nn.Module) -> bool:
-    """Whether :func:`primal` / :func:`dual` can linearise this residual branch."""
-    from ..model import FCNet  # local import: the model module imports the layers
-
-    if isinstance(module, nn.Sequential):
-        return all(supports(m) for m in module)
-    if isinstance(module, FCNet):
-        return supports(module.nnet)
-    if isinstance(module, _CONV):
-        return _conv_ok(module)
-    if isinstance(module, _LINEAR) or isinstance(module, (Identity, CLipSwish, MovingBatchNormNd, nn.Dropout, nn.Dropout2d)):
-        return True
-    return type(module) in _ACTIVATIONS
+def _conv_primal(m, x):
+    w = _weight(m)
+    # w^T J through a convolution with the flipped, transposed kernel: the same numbers as
+    # conv_transpose2d, but through the (much faster) forward convolution kernels.
+    return F.conv2d(_cl(x), w, m.bias, 1, m.padding), (w.flip(2, 3).transpose(0, 1).contiguous(), m.padding)
 
 
-def _leaves(module: nn.Module) -> List[nn.Module]:
-    from ..model import FCNet
-
-    if isinstance(module, nn.Sequential):
-        return [leaf for m in module for leaf in _leaves(m)]
-    if isinstance(module, FCNet):
-        return [_Flatten()] + _leaves(module.nnet) + [_Unflatten(module.out_shape)]
-    return [module]
+def _conv_vjp(data, w, inplace):
+    flipped, padding = data
+    return F.conv2d(_cl(w), flipped, None, 1, padding)
 
 
-class _Flatten(nn.Module):
-    pass
+def _conv_dual(m, x, t, data):
+    w = _weight(m)
+    return F.conv2d(_cl(x), w, m.bias, 1, m.padding), F.conv2d(_cl(t), w, None, 1, m.padding)
 
 
-class _Unflatten(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.shape = tuple(shape)
+for _cls in (InducedNormLinear, LopLinear, nn.Linear):
+    register(_cls, Handler(_linear_primal, lambda weight, w, inplace: w @ weight, _linear_dual))
+for _cls in (InducedNormConv2d, LopConv2d, nn.Conv2d):
+    register(_cls, Handler(_conv_primal, _conv_vjp, _conv_dual, ok=_conv_ok))
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward with a tape (no graph), and vector-Jacobian products from it
+# Element-wise maps
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def primal(module: nn.Module, x: Tensor) -> Tuple[Tensor, List[Tuple[str, Any]]]:
-    """``g(x)`` without a graph, and the tape: per layer what its transpose needs (normalised weight,
-    activation derivative, reshape) plus the state a recomputation must reuse (batch-norm means used,
-    dropout masks)."""
-    tape: List[Tuple[str, Any]] = []
-    h = x
-    for m in _leaves(module):
-        if isinstance(m, _Flatten):
-            tape.append(("reshape", h.shape))
-            h = h.reshape(h.shape[0], -1)
-        elif isinstance(m, _Unflatten):
-            tape.append(("reshape", h.shape))
-            h = h.reshape(h.shape[0], *m.shape)
-        elif isinstance(m, _LINEAR):
-            w = _weight(m)
-            tape.append(("linear", w))
-            h = F.linear(h, w, m.bias)
-        elif isinstance(m, _CONV):
-            w = _weight(m)
-            # w^T J through a convolution with the flipped, transposed kernel: the same numbers as
-            # conv_transpose2d, but through the (much faster) forward convolution kernels.
-            tape.append(("conv", (w.flip(2, 3).transpose(0, 1).contiguous(), m.padding)))
-            h = F.conv2d(_cl(h), w, m.bias, 1, m.padding)
-        elif isinstance(m, Identity):
-            continue
-        elif isinstance(m, CLipSwish):
-            c = h.shape[1]
-            y, d = _lipswish(m.swish, torch.cat([h, -h], 1))
-            tape.append(("clipswish", (d / 1.004, c)))
-            h = y / 1.004
-        elif isinstance(m, MovingBatchNormNd):
-            used = m.running_mean.clone()
-            h = m(h)  # updates the running mean exactly once
-            tape.append(("shift", used))
-        elif isinstance(m, (nn.Dropout, nn.Dropout2d)):
-            mask = _dropout_mask(m, h)
-            tape.append(("mask", mask))
-            if mask is not None:
-                h = h * mask
-        else:
-            y, d = _ACTIVATIONS[type(m)](m, h)
-            tape.append(("diag", d))
-            h = y
-    return h, tape
+def _diag_vjp(d, w, inplace):
+    return w.mul_(d) if inplace else w * d
 
 
-def _dropout_mask(m: nn.Module, h: Tensor):
+def _elementwise(value_and_slope, dual_fn=None) -> Handler:
+    def _dual(m, x, t, data):
+        if dual_fn is not None:
+            return dual_fn(m, x, t)
+        y, d = value_and_slope(m, x)
+        return y, d * t
+
+    # In-place variants would overwrite the caller's input (and torch's in-place ELU has no usable
+    # input afterwards): they go to autograd.
+    return Handler(value_and_slope, _diag_vjp, _dual, ok=lambda m: not getattr(m, "inplace", False))
+
+
+for _cls, _vs in SLOPES.items():
+    register(_cls, _elementwise(_vs, lipswish_dual if _cls is LipSwish else None))
+
+
+def _clipswish_vjp(data, w, inplace):
+    d, c = data  # J = diag(d) [I; -I]
+    w = _diag_vjp(d, w, inplace)
+    return w[:, :c] - w[:, c:]
+
+
+def _clipswish_primal(m, x):
+    y, d = clipswish_value_and_slope(m, x)
+    return y, (d, x.shape[1])
+
+
+register(CLipSwish, Handler(_clipswish_primal, _clipswish_vjp, lambda m, x, t, data: clipswish_dual(m, x, t)))
+register(Identity, Handler(lambda m, x: (x, None), lambda data, w, inplace: w, lambda m, x, t, data: (x, t)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stateful maps: batch-norm shifts and dropout masks are recorded and reused by the recomputation
+# ------------------------------------------------------------------------------------------------
+def _bn_primal(m, x):
+    used = m.running_mean.clone()
+    return m(x), used  # the module itself updates the running mean, exactly once
+
+
+for _cls in (MovingBatchNorm1d, MovingBatchNorm2d):
+    register(_cls, Handler(_bn_primal, lambda data, w, inplace: w, lambda m, x, t, used: (m.shift(x, used), t),
+                           keep=lambda used: used))
+
+
+def _dropout_primal(m, x):
     if not m.training or m.p == 0:
-        return None
-    shape = (h.shape[0], h.shape[1]) + (1,) * (h.dim() - 2) if isinstance(m, nn.Dropout2d) else h.shape
-    return torch.empty(shape, dtype=h.dtype, device=h.device).bernoulli_(1 - m.p) / (1 - m.p)
+        return x, None
+    # The module's own draw, applied to ones: its mask (already scaled by 1 / (1 - p)).
+    shape = x.shape if type(m) is nn.Dropout else x.shape[:2] + (1,) * (x.dim() - 2)
+    mask = m(torch.ones(shape, dtype=x.dtype, device=x.device))
+    return x * mask, mask
 
 
-@torch.no_grad()
-def tape_vjp(tape: List[Tuple[str, Any]], w: Tensor) -> Tensor:
-    """``w^T J`` for the Jacobian recorded on the tape."""
-    fresh = False  # whether w is a temporary of ours (then multiplications may happen in place)
-    for kind, data in reversed(tape):
-        if kind == "diag":
-            w = w.mul_(data) if fresh else w * data
-            fresh = True
-        elif kind == "conv":
-            flipped, padding = data  # stride 1, 'same' padding: the adjoint keeps the padding
-            w = F.conv2d(_cl(w), flipped, None, 1, padding)
-            fresh = True
-        elif kind == "linear":
-            w = w @ data
-            fresh = True
-        elif kind == "reshape":
-            w = w.reshape(data)
-        elif kind == "clipswish":
-            d, c = data
-            w = w * d
-            w = w[:, :c] - w[:, c:]
-        elif kind == "mask" and data is not None:
-            w = w * data
-    return w
+def _mask_vjp(mask, w, inplace):
+    return w if mask is None else _diag_vjp(mask, w, inplace)
 
 
-def strip_tape(tape: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
-    """Keep only what a recomputation must reuse (batch-norm means, dropout masks), freeing the derivative
-    caches and weights."""
-    return [(k, d if k in ("shift", "mask") else None) for k, d in tape]
+def _mask_dual(m, x, t, mask):
+    return (x, t) if mask is None else (x * mask, t * mask)
 
 
-# ------------------------------------------------------------------------------------------------
-# Differentiable forward mode: g(x) and J v in one pass
-# ------------------------------------------------------------------------------------------------
-def dual(module: nn.Module, x: Tensor, t: Tensor, tape: List[Tuple[str, Any]]) -> Tuple[Tensor, Tensor]:
-    """``(g(x), J_g(x) t)`` built with torch ops (differentiable w.r.t. ``x`` and the parameters),
-    reusing the batch-norm means and dropout masks of the forward pass recorded on ``tape``."""
-    h = x
-    i = 0
-    for m in _leaves(module):
-        if isinstance(m, _Flatten):
-            h, t = h.reshape(h.shape[0], -1), t.reshape(t.shape[0], -1)
-        elif isinstance(m, _Unflatten):
-            h, t = h.reshape(h.shape[0], *m.shape), t.reshape(t.shape[0], *m.shape)
-        elif isinstance(m, _LINEAR):
-            w = _weight(m)
-            h, t = F.linear(h, w, m.bias), F.linear(t, w)
-        elif isinstance(m, _CONV):
-            w = _weight(m)
-            h, t = F.conv2d(_cl(h), w, m.bias, 1, m.padding), F.conv2d(_cl(t), w, None, 1, m.padding)
-        elif isinstance(m, Identity):
-            continue
-        elif isinstance(m, CLipSwish):
-            y, d = _lipswish(m.swish, torch.cat([h, -h], 1))
-            h, t = y / 1.004, d * torch.cat([t, -t], 1) / 1.004
-        elif isinstance(m, MovingBatchNormNd):
-            used = tape[i][1]
-            h = h - used.view(*m.shape)
-            if m.bias is not None:
-                h = h + m.bias.view(*m.shape)
-        elif isinstance(m, (nn.Dropout, nn.Dropout2d)):
-            mask = tape[i][1]
-            if mask is not None:
-                h, t = h * mask, t * mask
-        elif isinstance(m, LipSwish):
-            h, t = _DualLipSwish.apply(h, t, m.beta)
-        else:
-            y, d = _ACTIVATIONS[type(m)](m, h)
-            h, t = y, d * t
-        i += 1
-    return h, t
+for _cls in (nn.Dropout, nn.Dropout2d):
+    register(_cls, Handler(_dropout_primal, _mask_vjp, _mask_dual, keep=lambda mask: mask))

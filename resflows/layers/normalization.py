@@ -34,7 +34,12 @@ class MovingBatchNormNd(nn.Module):
                 batch_mean = x.detach().transpose(0, 1).reshape(x.shape[1], -1).mean(1)
                 self.running_mean.sub_(self.decay * (self.running_mean - batch_mean))
                 self.step.add_(1)
-        y = x - used_mean.view(*self.shape)
+        return self.shift(x, used_mean)
+
+    def shift(self, x: Tensor, mean: Tensor) -> Tensor:
+        """``x - mean + bias``: the map ``forward`` applies with the mean it used (the linearised route
+        re-applies it with the mean recorded in the forward pass)."""
+        y = x - mean.view(*self.shape)
         if self.bias is not None:
             y = y + self.bias.view(*self.shape)
         return y
