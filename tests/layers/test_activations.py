@@ -45,6 +45,17 @@ def test_clipswish_is_1_lipschitz(beta):
     assert torch.sqrt(d0**2 + d1**2).max().item() <= 1.0
 
 
+@pytest.mark.parametrize("beta", [-3.0, 0.5, 3.0])
+def test_clipswish_formula(beta):
+    act = CLipSwish().double()
+    with torch.no_grad():
+        act.swish.beta.fill_(beta)
+    x = torch.randn(5, 3, dtype=D64) * 3
+    b = F.softplus(torch.tensor(beta, dtype=D64))
+    expected = torch.cat([x * torch.sigmoid(x * b), -x * torch.sigmoid(-x * b)], 1) / 1.1 / 1.004
+    torch.testing.assert_close(act(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_lipschitz_cube():
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0], dtype=D64)
     expected = torch.tensor([-2 + 2 / 3, -1 / 3, -0.125 / 3, 0.0, 0.125 / 3, 1 / 3, 3 - 2 / 3], dtype=D64)
