@@ -51,21 +51,26 @@ class LipSwish(nn.Module):
         return _lipswish(x, F.softplus(self.beta))[0]
 
 
-def _lipswish(x: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
-    """LipSwish with slope ``b``: ``f(x) = x s / 1.1`` and ``s = sigmoid(b x)`` (the derivatives reuse s)."""
-    s = torch.sigmoid(x * b)
-    return x * s / LIPSWISH_SCALE, s
+def _lipswish(x: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """LipSwish with slope ``b``: ``f(x) = x s / 1.1``, with ``s = sigmoid(b x)`` and ``b x`` (reused by the
+    derivatives)."""
+    bx = x * b
+    s = torch.sigmoid(bx)
+    return x * s / LIPSWISH_SCALE, s, bx
 
 
-def _lipswish_slope(x: Tensor, b: Tensor, s: Tensor) -> Tensor:
+def _sigmoid_slope(s: Tensor) -> Tensor:
+    return torch.addcmul(s, s, s, value=-1.0)  # s (1 - s) in one kernel
+
+
+def _lipswish_slope(s: Tensor, bx: Tensor) -> Tensor:
     """f'(x) = (s + b x s (1 - s)) / 1.1."""
-    return torch.addcmul(s, x * b, s * (1 - s)) / LIPSWISH_SCALE
+    return torch.addcmul(s, bx, _sigmoid_slope(s)) / LIPSWISH_SCALE
 
 
 def _lipswish_value_and_slope(m: "LipSwish", x: Tensor) -> Tuple[Tensor, Tensor]:
-    b = F.softplus(m.beta)
-    y, s = _lipswish(x, b)
-    return y, _lipswish_slope(x, b, s)
+    y, s, bx = _lipswish(x, F.softplus(m.beta))
+    return y, _lipswish_slope(s, bx)
 
 
 class _LipSwishDual(torch.autograd.Function):
@@ -74,21 +79,21 @@ class _LipSwishDual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor, beta: Tensor):
-        b = F.softplus(beta)
-        y, s = _lipswish(x, b)
+        y, s, bx = _lipswish(x, F.softplus(beta))
         ctx.save_for_backward(x, t, beta)
-        return y, _lipswish_slope(x, b, s) * t
+        return y, _lipswish_slope(s, bx) * t
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor, gdt: Tensor):
         x, t, beta = ctx.saved_tensors
         b = F.softplus(beta)
-        _, s = _lipswish(x, b)
-        q = s * (1 - s)
+        bx = x * b
+        s = torch.sigmoid(bx)  # as in _lipswish, without recomputing the value
+        q = _sigmoid_slope(s)
         # f''(x) = b r and df'/db = x r with r = q (2 + b x (1 - 2 s)) / 1.1;  df/db = x^2 q / 1.1
-        r = q * (2 + x * b * (1 - 2 * s)) / LIPSWISH_SCALE
-        d = _lipswish_slope(x, b, s)
+        r = q * (2 + bx * (1 - 2 * s)) / LIPSWISH_SCALE
+        d = _lipswish_slope(s, bx)
         gt = gdt * t
         grad_x = torch.addcmul(gy * d, gt, r, value=float(b))
         grad_t = gdt * d

@@ -138,7 +138,9 @@ def test_every_linearised_type_and_every_act_has_a_case():
     covered = {type(m) for build in LEAF_CASES.values() for m in build()[0].modules()}
     missing = set(linearize.HANDLERS) - covered
     assert not missing, f"add a case to tests/layers/test_linearize.py for {sorted(c.__name__ for c in missing)}"
-    assert {name.rsplit("_", 1)[0] for name in ACT_CASES if name.endswith(("_conv", "_fc"))} == set(act_choices())
+    # ACT_CASES are generated from the --act choices: a new choice gets its two cases automatically (and
+    # test_linearisation_equals_autograd fails for them until linearize supports its branches).
+    assert len(ACT_CASES) >= 2 * len(act_choices())
 
 
 # -- the checks ----------------------------------------------------------------------------------------
