@@ -31,7 +31,6 @@ from resflows.layers import (
     linearize,
     lipschitz_layers,
 )
-from resflows.layers.lipschitz import LopConv2d, LopLinear
 from resflows.model import FCNet
 
 D64 = torch.float64
