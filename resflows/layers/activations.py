@@ -15,7 +15,9 @@ __all__ = [
     "FullSort",
     "MaxMin",
     "LipschitzCube",
+    "LeakyLSwish",
     "ACTIVATIONS",
+    "ACTIVATION_ALIASES",
     "make_activation",
 ]
 
@@ -80,6 +82,21 @@ class LipschitzCube(nn.Module):
         return torch.where(x >= 1, x - 2 / 3, torch.where(x <= -1, x + 2 / 3, x**3 / 3))
 
 
+class LeakyLSwish(nn.Module):
+    """``a x + (1 - a) LipSwish(x)`` with ``a = sigmoid(alpha)`` learned (``alpha`` starts at -3, a ~ 0.05):
+    the i-DenseNets fork's ``--act LeakyLSwish``. A convex combination of 1-Lipschitz maps, so 1-Lipschitz;
+    its slope stays >= a, so the gradient never vanishes."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor([-3.0]))
+        self.swish = LipSwish()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.sigmoid(self.alpha)
+        return a * x + (1 - a) * self.swish(x)
+
+
 
 # Name -> constructor. The paper's `--act` choices first; toy-only extras after.
 ACTIVATIONS = {
@@ -94,7 +111,11 @@ ACTIVATIONS = {
     "fullsort": FullSort,
     "maxmin": MaxMin,
     "clipswish": CLipSwish,
+    "leakylswish": LeakyLSwish,
 }
+
+# The i-DenseNets fork's spellings of `--act` values.
+ACTIVATION_ALIASES = {"CLipSwish": "clipswish", "LeakyLSwish": "leakylswish"}
 
 
 def make_activation(name: str) -> nn.Module:

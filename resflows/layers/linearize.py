@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activations import CLipSwish, Identity, LipschitzCube, LipSwish
+from .activations import CLipSwish, Identity, LeakyLSwish, LipschitzCube, LipSwish
+from .dense import LipschitzDenseLayer
 from .lipschitz import InducedNormConv2d, InducedNormLinear, LopConv2d, LopLinear
 from .normalization import MovingBatchNormNd
 
@@ -104,6 +105,12 @@ def _lcube(m: LipschitzCube, h: Tensor) -> Tuple[Tensor, Tensor]:
     return m(h), torch.where(inside, h * h, torch.ones_like(h))
 
 
+def _leakylswish(m: LeakyLSwish, h: Tensor) -> Tuple[Tensor, Tensor]:
+    a = torch.sigmoid(m.alpha)
+    y, d = _lipswish(m.swish, h)
+    return a * h + (1 - a) * y, a + (1 - a) * d
+
+
 _ACTIVATIONS: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor]]] = {
     LipSwish: _lipswish,
     nn.ELU: _elu,
@@ -111,6 +118,7 @@ _ACTIVATIONS: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, 
     nn.ReLU: _relu,
     nn.Tanh: _tanh,
     LipschitzCube: _lcube,
+    LeakyLSwish: _leakylswish,
 }
 _LINEAR = (InducedNormLinear, LopLinear, nn.Linear)
 _CONV = (InducedNormConv2d, LopConv2d, nn.Conv2d)
@@ -141,6 +149,8 @@ def supports(module: nn.Module) -> bool:
         return all(supports(m) for m in module)
     if isinstance(module, FCNet):
         return supports(module.nnet)
+    if isinstance(module, LipschitzDenseLayer):
+        return supports(module.network)
     if isinstance(module, _CONV):
         return _conv_ok(module)
     if isinstance(module, _LINEAR) or isinstance(module, (Identity, CLipSwish, MovingBatchNormNd, nn.Dropout, nn.Dropout2d)):
@@ -195,6 +205,9 @@ def primal(module: nn.Module, x: Tensor) -> Tuple[Tensor, List[Tuple[str, Any]]]
             # conv_transpose2d, but through the (much faster) forward convolution kernels.
             tape.append(("conv", (w.flip(2, 3).transpose(0, 1).contiguous(), m.padding)))
             h = F.conv2d(_cl(h), w, m.bias, 1, m.padding)
+        elif isinstance(m, LipschitzDenseLayer):
+            h, entry = _dense_primal(m, h)
+            tape.append(entry)
         elif isinstance(m, Identity):
             continue
         elif isinstance(m, CLipSwish):
@@ -240,6 +253,9 @@ def tape_vjp(tape: List[Tuple[str, Any]], w: Tensor) -> Tensor:
         elif kind == "linear":
             w = w @ data
             fresh = True
+        elif kind == "dense":
+            w = _dense_vjp(data, w)
+            fresh = True
         elif kind == "reshape":
             w = w.reshape(data)
         elif kind == "clipswish":
@@ -254,7 +270,7 @@ def tape_vjp(tape: List[Tuple[str, Any]], w: Tensor) -> Tensor:
 def strip_tape(tape: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
     """Keep only what a recomputation must reuse (batch-norm means, dropout masks), freeing the derivative
     caches and weights."""
-    return [(k, d if k in ("shift", "mask") else None) for k, d in tape]
+    return [(k, d if k in ("shift", "mask") else _strip_dense(d) if k == "dense" else None) for k, d in tape]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +292,8 @@ def dual(module: nn.Module, x: Tensor, t: Tensor, tape: List[Tuple[str, Any]]) -
         elif isinstance(m, _CONV):
             w = _weight(m)
             h, t = F.conv2d(_cl(h), w, m.bias, 1, m.padding), F.conv2d(_cl(t), w, None, 1, m.padding)
+        elif isinstance(m, LipschitzDenseLayer):
+            h, t = _dense_dual(m, h, t, tape[i][1])
         elif isinstance(m, Identity):
             continue
         elif isinstance(m, CLipSwish):
@@ -297,3 +315,28 @@ def dual(module: nn.Module, x: Tensor, t: Tensor, tape: List[Tuple[str, Any]]) -
             h, t = y, d * t
         i += 1
     return h, t
+
+
+# ------------------------------------------------------------------------------------------------
+# i-DenseNets: y = concat(eta1 x, eta2 net(x)), so w^T J = eta1 w_x + eta2 (w_net^T J_net) and
+# J t = concat(eta1 t, eta2 J_net t). The inner network has its own (nested) tape.
+# ------------------------------------------------------------------------------------------------
+def _dense_primal(m: LipschitzDenseLayer, h: Tensor) -> Tuple[Tensor, Tuple[str, Any]]:
+    eta1, eta2 = m.etas()
+    y, sub = primal(m.network, h)
+    return torch.cat([eta1 * h, eta2 * y], 1), ("dense", (eta1, eta2, h.shape[1], sub))
+
+
+def _dense_vjp(data, w: Tensor) -> Tensor:
+    eta1, eta2, c, sub = data
+    return eta1 * w[:, :c] + eta2 * tape_vjp(sub, w[:, c:])
+
+
+def _strip_dense(data):
+    return (None, None, data[2], strip_tape(data[3]))
+
+
+def _dense_dual(m: LipschitzDenseLayer, h: Tensor, t: Tensor, data) -> Tuple[Tensor, Tensor]:
+    eta1, eta2 = m.etas()  # with a graph: K receives gradients
+    y, ty = dual(m.network, h, t, data[3])
+    return torch.cat([eta1 * h, eta2 * y], 1), torch.cat([eta1 * t, eta2 * ty], 1)
