@@ -502,6 +502,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.cfg.densenet and self.cfg.learnable_concat and self.epoch < self.cfg.start_learnable_concat:
+            self.model.reset_concatenation()  # i-DenseNets: K is held at its initial value for the first epochs
         self.model.update_lipschitz()
         broadcast_buffers(self.model)  # bitwise identical buffers on every rank at step boundaries
         self.ema.update(self.model)
