@@ -232,7 +232,8 @@ def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], check
     arch_new = model_config_from(merged).architecture()
     if arch_saved != arch_new:
         typed = [k for k in ARCH_FLAGS if k in explicit and getattr(base, k) != getattr(merged, k)]
-        detail = ", ".join(f"--{k.replace('_', '-')} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)
+        options = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+        detail = ", ".join(f"{options.get(k, '--' + k)} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)
         raise ConfigError(
             f"{detail or 'the flags'} conflicts with the architecture stored in {checkpoint_path}; "
             f"drop them to use the checkpoint's architecture"
