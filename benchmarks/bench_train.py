@@ -4,6 +4,8 @@
     python benchmarks/bench_train.py --preset make         # what `make bench` runs (~5 min on 2 CPU cores)
     python benchmarks/bench_train.py --config mnist --mode both naive --steps 10
     python benchmarks/bench_train.py --config cifar10-b64 --device cuda   # on a GPU
+    python benchmarks/bench_train.py --config idensenet-cifar10          # i-DenseNets' CIFAR-10 command, batch 4
+    python benchmarks/bench_train.py --config idensenet-cifar10-b64 --device cuda
 
 Each measurement runs in a fresh process: model and optimiser are built, ActNorm is initialised, then
 ``--warmup`` steps are discarded and the median of ``--steps`` full training steps is reported (forward,

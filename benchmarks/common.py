@@ -25,6 +25,11 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "mnist": dict(data="mnist", imagesize=28, nblocks="2-2-2", idim=64, batchsize=64),
     "cifar10": dict(data="cifar10", nblocks="16-16-16", idim=512, batchsize=4),
     "cifar10-b64": dict(data="cifar10", nblocks="16-16-16", idim=512, batchsize=64),
+    # The i-DenseNets fork's CIFAR-10 command (Perugachi-Diaz et al. 2021): 4 on CPU, 64 (its batch) on a GPU.
+    "idensenet-cifar10": dict(data="cifar10", nblocks="16-16-16", densenet=True, learnable_concat=True,
+                              start_learnable_concat=25, act="CLipSwish", densenet_depth=3, densenet_growth=172, batchsize=4),
+    "idensenet-cifar10-b64": dict(data="cifar10", nblocks="16-16-16", densenet=True, learnable_concat=True,
+                                  start_learnable_concat=25, act="CLipSwish", densenet_depth=3, densenet_growth=172, batchsize=64),
 }
 MODES = {
     "naive": dict(neumann_grad=False, mem_eff=False),

@@ -76,6 +76,22 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def _act(s: str) -> str:
+    from .layers.activations import ACTIVATION_ALIASES
+
+    return ACTIVATION_ALIASES.get(s, s)
+
+
 def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineArgumentParser(
@@ -101,7 +117,8 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a("--var-reduc-lr", type=float, default=d.var_reduc_lr, help="accepted for compatibility; unused")
     a("--neumann-grad", type=_bool, default=d.neumann_grad, help="Neumann-series gradient estimator")
     a("--mem-eff", type=_bool, default=d.mem_eff, help="memory-efficient log-det gradients (backward-in-forward)")
-    a("--act", type=str, choices=["softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish"], default=d.act)
+    a("--act", type=_act, choices=["softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish", "leakylswish"],
+      default=d.act, help="swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish are accepted")
     a("--idim", type=int, default=d.idim, help="hidden channels of the residual branches")
     a("--nblocks", type=str, default=d.nblocks, help="residual blocks per scale, e.g. 16-16-16")
     a("--squeeze-first", type=_bool, default=d.squeeze_first)
@@ -142,6 +159,15 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a("--nworkers", type=int, default=d.nworkers)
     a("--print-freq", type=_positive_int, default=d.print_freq)
     a("--vis-freq", type=_positive_int, default=d.vis_freq)
+    # The i-DenseNets fork's flags (Perugachi-Diaz et al. 2021), with its names; see README "Invertible DenseNets".
+    a("--densenet", type=_bool, default=d.densenet, help="Lipschitz DenseNet residual branches (i-DenseNets)")
+    a("--densenet_depth", type=_positive_int, default=d.densenet_depth, help="dense layers per branch")
+    a("--densenet_growth", type=_positive_int, default=d.densenet_growth, help="channels each conv dense layer adds")
+    a("--fc_densenet_growth", type=_positive_int, default=d.fc_densenet_growth, help="features each fc dense layer adds")
+    a("--learnable_concat", type=_bool, default=d.learnable_concat, help="learn the concatenation weights eta1, eta2")
+    a("--start_learnable_concat", type=_nonnegative_int, default=d.start_learnable_concat,
+      help="epochs during which the concatenation weights are reset after every step")
+    a("--lip-coeff", type=float, default=d.lip_coeff, help="dense layers' concatenation weights satisfy eta1^2 + eta2^2 = lip-coeff^2")
     # Ours.
     a("--max-iters", type=_optional_int, default=d.max_iters, help="stop after this many optimizer steps")
     a("--evaluate", action="store_true", help="with --resume: report test bits/dim and exit")
@@ -157,6 +183,7 @@ ARCH_FLAGS = (
     "data", "imagesize", "padding", "squeeze_first", "block", "idim", "nblocks", "factor_out", "quadratic",
     "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels", "fc_end",
     "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
+    "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
 )
 
 
@@ -205,7 +232,8 @@ def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], check
     arch_new = model_config_from(merged).architecture()
     if arch_saved != arch_new:
         typed = [k for k in ARCH_FLAGS if k in explicit and getattr(base, k) != getattr(merged, k)]
-        detail = ", ".join(f"--{k.replace('_', '-')} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)
+        options = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+        detail = ", ".join(f"{options.get(k, '--' + k)} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)
         raise ConfigError(
             f"{detail or 'the flags'} conflicts with the architecture stored in {checkpoint_path}; "
             f"drop them to use the checkpoint's architecture"

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from .layers.activations import ACTIVATION_ALIASES
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -116,12 +118,20 @@ class ModelConfig:
     classification: bool = False
     n_classes: int = 10
     cdim: int = 256
+    # i-DenseNets (Perugachi-Diaz et al. 2021): dense residual branches, see resflows/layers/dense.py.
+    densenet: bool = False
+    densenet_depth: int = 3
+    densenet_growth: int = 172
+    fc_densenet_growth: int = 32
+    learnable_concat: bool = True
+    lip_coeff: float = 0.98
 
     # Names of the fields that fix the architecture (state_dict keys and shapes).
     ARCH_FIELDS = (
         "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels",
         "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
+        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
     )
 
     def __post_init__(self) -> None:
@@ -131,12 +141,13 @@ class ModelConfig:
         self.vnorms = parse_vnorms(self.vnorms)
         self.normalize_mean = tuple(float(m) for m in self.normalize_mean)
         self.normalize_std = tuple(float(s) for s in self.normalize_std)
+        self.act = ACTIVATION_ALIASES.get(self.act, self.act)  # the fork's spellings (CLipSwish)
         self.validate()
 
     def validate(self) -> None:
         if self.block not in ("resblock", "coupling"):
             raise ConfigError(f"--block must be resblock or coupling, got {self.block!r}")
-        if self.block == "resblock" and len(self.vnorms) != len(self.kernels) + 1:
+        if self.block == "resblock" and not self.densenet and len(self.vnorms) != len(self.kernels) + 1:
             raise ConfigError(
                 f"--vnorms needs one more order than --kernels has kernels: --kernels {'-'.join(map(str, self.kernels))} "
                 f"has {len(self.kernels)}, so give {len(self.kernels) + 1} orders (e.g. {'2' * (len(self.kernels) + 1)}); "
@@ -156,9 +167,28 @@ class ModelConfig:
             raise ConfigError("--n-samples must be >= 1")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.densenet:
+            self._validate_densenet()
         c, h, w = self.input_size
         if self.squeeze_first and (h % 2 or w % 2):
             raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
+
+    def _validate_densenet(self) -> None:
+        if self.block != "resblock":
+            raise ConfigError("--densenet True replaces the branches of residual blocks; drop --block coupling")
+        if self.learn_p:
+            raise ConfigError("--learn-p is not available with --densenet True (dense branches use the first --vnorms order); drop --learn-p")
+        if self.dropout:
+            raise ConfigError("--dropout is not used by dense branches; drop it with --densenet True")
+        for flag, v in (("--densenet_depth", self.densenet_depth), ("--densenet_growth", self.densenet_growth),
+                        ("--fc_densenet_growth", self.fc_densenet_growth)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be a positive integer, got {v}")
+            if self.act == "clipswish" and v % 2 and flag != "--densenet_depth":
+                raise ConfigError(f"{flag} must be even with --act CLipSwish (each conv gives half the channels, "
+                                  f"the activation doubles them); got {v}")
+        if not 0 < self.lip_coeff:
+            raise ConfigError(f"--lip-coeff must be positive, got {self.lip_coeff}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
     def to_dict(self) -> Dict[str, Any]:
@@ -246,6 +276,14 @@ class TrainConfig:
     nworkers: int = 4
     print_freq: int = 20
     vis_freq: int = 500
+    # The i-DenseNets fork's flags (its names; densenet off here so the paper's commands are unchanged).
+    densenet: bool = False
+    densenet_depth: int = 3
+    densenet_growth: int = 172
+    fc_densenet_growth: int = 32
+    learnable_concat: bool = True
+    start_learnable_concat: int = 25
+    lip_coeff: float = 0.98
     # Ours.
     max_iters: Optional[int] = None
     evaluate: bool = False
@@ -268,5 +306,6 @@ class TrainConfig:
         """Map the ``argparse.Namespace`` saved in a paper checkpoint (read as a dict) onto our config.
         Unknown keys are ignored; values keep their meaning (SPEC section 1)."""
         cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
+        cfg.act = ACTIVATION_ALIASES.get(cfg.act, cfg.act)  # the i-DenseNets fork saved --act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg

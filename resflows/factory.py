@@ -63,6 +63,12 @@ def model_config_from(cfg: TrainConfig) -> ModelConfig:
         classification=cfg.task in ("classification", "hybrid"),
         n_classes=spec.n_classes,
         cdim=cfg.cdim,
+        densenet=cfg.densenet,
+        densenet_depth=cfg.densenet_depth,
+        densenet_growth=cfg.densenet_growth,
+        fc_densenet_growth=cfg.fc_densenet_growth,
+        learnable_concat=cfg.learnable_concat,
+        lip_coeff=cfg.lip_coeff,
     )
 
 

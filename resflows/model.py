@@ -38,6 +38,7 @@ from .layers import (
 from .layers import linearize
 from .layers.base import FlowLayer, zeros_logdet
 from .layers.coupling import coupling_split
+from .layers.dense import LipschitzDenseLayer, dense_conv_layers, dense_fc_layers
 from .layers.lipschitz import _LipschitzMap
 from .layers.squeeze import squeeze, unsqueeze
 
@@ -111,6 +112,15 @@ class FCNet(nn.Module):
         layers.append(linear_factory(nhidden, last * mult, math.prod(out_shape)))
         self.nnet = nn.Sequential(*layers)
 
+    @classmethod
+    def wrap(cls, in_shape: Size, out_shape: Size, nnet: nn.Sequential) -> "FCNet":
+        """An FCNet around ready-made layers (the fully connected dense branches)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.nnet = nnet
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.nnet(x.reshape(x.shape[0], -1))
         return y.reshape(y.shape[0], *self.out_shape)
@@ -173,6 +183,8 @@ class _StackBuilder:
     # -- residual blocks --------------------------------------------------------------------
     def resblock(self, size: Size, fc: bool, idim: int, first: bool = False) -> iResBlock:
         c = self.cfg
+        if c.densenet:
+            return self.iresblock(self.dense_branch(size, fc))
         domains, codomains = self.orders()
         if fc:
             def linear(i, n_in, n_out):
@@ -213,6 +225,24 @@ class _StackBuilder:
         if c.batchnorm:
             layers.append(MovingBatchNorm2d(ch))
         return self.iresblock(nn.Sequential(*layers))
+
+    def dense_branch(self, size: Size, fc: bool) -> nn.Module:
+        """The i-DenseNets branch (resflows/layers/dense.py): no pre-activation, --kernels unused; convs
+        map the first --vnorms order to itself, the fully connected branch uses 2-norms (as the fork)."""
+        c = self.cfg
+        common = dict(depth=c.densenet_depth, act=c.act, learnable_concat=c.learnable_concat, lip_coeff=c.lip_coeff)
+        if fc:
+            def linear(n_in, n_out):
+                return get_linear(n_in, n_out, domain=2, codomain=2, **self._lip_kwargs())
+
+            return FCNet.wrap(size, size, dense_fc_layers(math.prod(size), growth=c.fc_densenet_growth, make_linear=linear, **common))
+        ch, h, w = size
+        p = c.vnorms[0]
+
+        def conv(n_in, n_out, k):
+            return get_conv2d(n_in, n_out, k, 1, k // 2, domain=p, codomain=p, spatial_dims=(h, w), **self._lip_kwargs())
+
+        return dense_conv_layers(ch, growth=c.densenet_growth, make_conv=conv, batchnorm=c.batchnorm, **common)
 
     # -- coupling blocks ---------------------------------------------------------------------
     def coupling(self, size: Size, fc: bool, idim: int, swap: bool, checkerboard: bool, first: bool = False) -> nn.Module:
@@ -487,6 +517,23 @@ class ResidualFlow(nn.Module):
             for n, m in self.named_modules()
             if isinstance(m, iResBlock)
         }
+
+    def reset_concatenation(self) -> None:
+        """Put every dense layer's concatenation weights K back to their initial value (i-DenseNets
+        do this after each step of the first --start_learnable_concat epochs)."""
+        for m in self.modules():
+            if isinstance(m, LipschitzDenseLayer):
+                m.reset_concat()
+
+    def concatenation_weights(self) -> Dict[str, Tuple[float, float]]:
+        """(eta1, eta2) of every dense layer."""
+        out = {}
+        with torch.no_grad():
+            for n, m in self.named_modules():
+                if isinstance(m, LipschitzDenseLayer):
+                    e1, e2 = m.etas()
+                    out[n] = (float(e1), float(e2))
+        return out
 
     def iresblocks(self) -> List[iResBlock]:
         return [m for m in self.modules() if isinstance(m, iResBlock)]

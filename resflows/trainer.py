@@ -502,6 +502,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.cfg.densenet and self.cfg.learnable_concat and self.epoch < self.cfg.start_learnable_concat:
+            self.model.reset_concatenation()  # i-DenseNets: K is held at its initial value for the first epochs
         self.model.update_lipschitz()
         broadcast_buffers(self.model)  # bitwise identical buffers on every rank at step boundaries
         self.ema.update(self.model)
@@ -539,6 +541,9 @@ class Trainer:
             logger.info("Lipschitz constants: min %.4f mean %.4f max %.4f (%d layers)", min(vals), sum(vals) / len(vals), max(vals), len(vals))
         if self.model.config.learn_p:
             logger.info("norm orders: %s", ", ".join(f"{d:.2f}->{c:.2f}" for d, c in self.model.norm_orders().values()))
+        etas = [e1 for e1, _ in self.model.concatenation_weights().values()]
+        if etas:
+            logger.info("dense concatenation eta1: min %.4f mean %.4f max %.4f (%d layers)", min(etas), sum(etas) / len(etas), max(etas), len(etas))
         result = self.validate(label=finished)
         bpd = result.get("test_bpd")
         self.last_test_bpd = bpd

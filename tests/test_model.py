@@ -42,7 +42,8 @@ def test_state_dict_matches_the_paper(reference_dir, name):
 
 
 def test_every_reference_file_is_tested(reference_dir):
-    assert sorted(p.name for p in (reference_dir / "state_dict").glob("*.txt")) == sorted(REFERENCE_CONFIGS)
+    paper = [p.name for p in (reference_dir / "state_dict").glob("*.txt") if not p.name.startswith("idensenet_")]
+    assert sorted(paper) == sorted(REFERENCE_CONFIGS)  # the i-DenseNets files: tests/test_idensenet.py
 
 
 def tiny(**kw):

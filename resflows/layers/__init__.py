@@ -1,9 +1,10 @@
 """Flow layers of resflows. Every flow layer follows :class:`resflows.layers.base.FlowLayer`:
 ``forward(x) -> (y, log|det dy/dx|[B])`` and ``inverse(y) -> (x, log|det dx/dy|[B])``."""
 from .actnorm import ActNorm1d, ActNorm2d
-from .activations import ACTIVATIONS, CLipSwish, FullSort, Identity, LipschitzCube, LipSwish, MaxMin, Swish, make_activation
+from .activations import ACTIVATIONS, CLipSwish, FullSort, Identity, LeakyLSwish, LipschitzCube, LipSwish, MaxMin, Swish, make_activation
 from .base import FlowLayer, SequentialFlow
 from .coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
+from .dense import LipschitzDenseLayer
 from .elemwise import LogitTransform, Normalize
 from .glow import InvertibleConv2d, InvertibleLinear
 from .iresblock import InverseNotConvergedWarning, iResBlock
@@ -28,4 +29,5 @@ __all__ = [
     "ActNorm1d", "ActNorm2d", "SqueezeLayer", "LogitTransform", "Normalize",
     "MovingBatchNorm1d", "MovingBatchNorm2d", "InvertibleLinear", "InvertibleConv2d",
     "CouplingBlock", "ChannelCouplingBlock", "MaskedCouplingBlock",
+    "LipschitzDenseLayer", "LeakyLSwish",
 ]

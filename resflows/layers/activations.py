@@ -28,7 +28,9 @@ __all__ = [
     "FullSort",
     "MaxMin",
     "LipschitzCube",
+    "LeakyLSwish",
     "ACTIVATIONS",
+    "ACTIVATION_ALIASES",
     "make_activation",
     "LIPSWISH_SCALE",
     "CLIPSWISH_SCALE",
@@ -166,6 +168,27 @@ class LipschitzCube(nn.Module):
         return torch.where(x >= 1, x - 2 / 3, torch.where(x <= -1, x + 2 / 3, x**3 / 3))
 
 
+class LeakyLSwish(nn.Module):
+    """``a x + (1 - a) LipSwish(x)`` with ``a = sigmoid(alpha)`` learned (``alpha`` starts at -3, a ~ 0.05):
+    the i-DenseNets fork's ``--act LeakyLSwish``. A convex combination of 1-Lipschitz maps, so 1-Lipschitz;
+    its slope stays >= a, so the gradient never vanishes."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor([-3.0]))
+        self.swish = LipSwish()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.sigmoid(self.alpha)
+        return a * x + (1 - a) * self.swish(x)
+
+
+def _leakylswish_value_and_slope(m: LeakyLSwish, x: Tensor) -> Tuple[Tensor, Tensor]:
+    a = torch.sigmoid(m.alpha)
+    y, d = _lipswish_value_and_slope(m.swish, x)
+    return a * x + (1 - a) * y, a + (1 - a) * d
+
+
 # Derivatives of torch's element-wise activations, from the input x and torch's own value y = f(x).
 # Each is used for the exact type only: a subclass may compute something else (and then falls back to
 # autograd). In-place variants are not linearised (see linearize.supports).
@@ -206,9 +229,8 @@ SLOPES: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor
     nn.ReLU: _from_value(_relu_slope),
     nn.Tanh: _from_value(_tanh_slope),
     LipschitzCube: _from_value(_lcube_slope),
+    LeakyLSwish: _leakylswish_value_and_slope,
 }
-
-
 
 # Name -> constructor. The paper's `--act` choices first; toy-only extras after.
 ACTIVATIONS = {
@@ -223,7 +245,11 @@ ACTIVATIONS = {
     "fullsort": FullSort,
     "maxmin": MaxMin,
     "clipswish": CLipSwish,
+    "leakylswish": LeakyLSwish,
 }
+
+# The i-DenseNets fork's spellings of `--act` values.
+ACTIVATION_ALIASES = {"CLipSwish": "clipswish", "LeakyLSwish": "leakylswish"}
 
 
 def make_activation(name: str) -> nn.Module:

@@ -31,6 +31,8 @@ from resflows.layers import (
     linearize,
     lipschitz_layers,
 )
+from resflows.layers.activations import LeakyLSwish
+from resflows.layers.dense import LipschitzDenseLayer
 from resflows.model import FCNet
 
 D64 = torch.float64
@@ -103,6 +105,9 @@ LEAF_CASES = {
                                                 get_linear(7, 5, coeff=0.9), nn.ELU()), FC_X),
     "fcnet": _single(lambda: FCNet((2, 3, 3), (1, 2, 3), 7, 2, "swish", True, 0.2,
                                    lambda i, a, b: get_linear(a, b, coeff=0.9)), CONV_X),
+    "leakylswish": _single(LeakyLSwish, CONV_X),
+    "dense_layer_conv": _single(lambda: LipschitzDenseLayer(nn.Sequential(
+        InducedNormConv2d(2, 3, 3, 1, 1, coeff=0.9, spatial_dims=(3, 3)), CLipSwish()), lip_coeff=0.95), CONV_X),
 }
 
 
@@ -130,6 +135,13 @@ def _branch_case(act, kind, **kw):
 ACT_CASES = {f"{act}_{kind}": _branch_case(act, kind) for act in act_choices() for kind in ("conv", "fc")}
 ACT_CASES["swish_conv_learn_p"] = _branch_case("swish", "conv", learn_p=True)
 ACT_CASES["elu_conv_p3"] = _branch_case("elu", "conv", vnorms=(2, 3, 3, 2))
+# i-DenseNet branches (conv and --fc-end), with and without learnable concatenation.
+ACT_CASES["densenet_clipswish_conv"] = _branch_case("clipswish", "conv", densenet=True, dropout=0.0, densenet_depth=2, densenet_growth=4,
+                                                    fc_densenet_growth=4)
+ACT_CASES["densenet_clipswish_fc"] = _branch_case("clipswish", "fc", densenet=True, dropout=0.0, densenet_depth=2, densenet_growth=4,
+                                                  fc_densenet_growth=4)
+ACT_CASES["densenet_swish_fixed_concat_conv"] = _branch_case("swish", "conv", densenet=True, dropout=0.0, densenet_depth=2,
+                                                             densenet_growth=3, fc_densenet_growth=3, learnable_concat=False)
 CASES = {**LEAF_CASES, **ACT_CASES}
 
 
