@@ -111,6 +111,9 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             for key in ("config", "model_config", "model"):
                 if key not in obj:
                     raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
+            if isinstance(obj["config"], dict) and obj["config"].get("imagesize", 0) is None:
+                # Written when a missing --imagesize meant the native size (28 for mnist), now 32: keep its size.
+                obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
             return obj
         if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
             raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")

@@ -397,10 +397,10 @@ class ResidualFlow(nn.Module):
                 d = x.shape[1] // 2
                 x, h = x[:, :d], x[:, d:]
                 out.append(h)
-            elif not (self.config.factor_out and idx > 0):
+            elif not self.config.factor_out or idx == 0:
                 h = x
-            # With factor_out the paper's last head sees the half factored out at the previous scale (same
-            # shape as the last scale's output), not the last scale's output: kept so its logits match.
+            # else (factor_out, last scale): h is still the half factored out at the previous scale. The paper's
+            # last head sees that (same shape as the last scale's output), so its checkpoints give its logits.
             if classify:
                 heads.append(self.classification_heads[idx](h))
         out.append(x)

@@ -417,6 +417,8 @@ class Trainer:
                 if ckpt.get("format") != "resflows":
                     opt_state = paper_optimizer_state(opt_state, self.model, self.optimizer)
                 self.optimizer.load_state_dict(opt_state)
+                if ckpt.get("format") != "resflows":
+                    logger.info("optimizer state of %s mapped onto ours (%d parameters with state)", path, len(opt_state["state"]))
             except Exception as e:  # noqa: BLE001 - any mismatch: the state is unusable, not fatal
                 logger.info("optimizer state in %s not used (%s); starting the optimizer afresh", path, e)
                 self.optimizer = make_optimizer(self.cfg, self.model.parameters())

@@ -326,3 +326,19 @@ def test_old_format_pth_datasets_load_without_memory_mapping(tmp_path):
         log.removeHandler(handler)
     assert torch.equal(first.data, data) and len(second) == 2
     assert len(records) == 1 and "memory-mapped" in records[0].getMessage()
+
+
+@pytest.mark.slow
+def test_learned_orders_under_torchrun(tmp_path):
+    """The orders get no gradient from the loss, so DDP must not wait for them; both ranks compute the same."""
+    from tests.distributed.test_ddp import TINY as DDP_TINY, WORKER, torchrun
+
+    proc = torchrun([WORKER, "state", tmp_path, "--"] + DDP_TINY + ["--batchsize", "40", "--max-iters", "3",
+                    "--learn-p", "True", "--save", tmp_path / "run"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    orders = [k for k in r0["model"] if k.endswith("domain")]
+    assert orders and r0["step"] == r1["step"] == 3
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    assert any(float(r0["model"][k]) != 0.0 for k in orders)  # the orders moved
