@@ -12,6 +12,7 @@ parses flags, builds through factories and hands over to resflows.trainer.Traine
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -48,12 +49,20 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(2**31)
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
+    # Full float32 unless --tf32: torch runs float32 convolutions in TF32 on recent GPUs by default, and the
+    # paper's runs were full float32 (bits/dim and the power iterations move with TF32).
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
     save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
     log = setup_logger(save_dir, dist.is_main)
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     log.info("seed %d, device %s, %d rank(s)", cfg.seed, dist.device, dist.world_size)
+    if cfg.data == "celebahq" and cfg.nbits < 8 and cfg.dequant == "exact":
+        log.info("dequantisation: exact (k + u) / %d; --dequant paper uses the paper's ((%d k / %d) + u) / %d "
+                 "(overlapping bins, bits/dim up to %.3f lower)", 2**cfg.nbits, 2**cfg.nbits - 1, 2**cfg.nbits,
+                 2**cfg.nbits, math.log2(2**cfg.nbits / (2**cfg.nbits - 1)))
 
     model = ResidualFlow(model_config_from(cfg))
     torch.manual_seed(cfg.seed + dist.rank)  # then per-rank streams for probes and truncation draws
@@ -76,7 +85,7 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
                 print(f"test accuracy: {res['test_acc']:.4f} ({res['n_images']} images)")
             if dist.is_main:
                 out = {**res, "checkpoint": os.path.abspath(cfg.resume), "ema": bool(cfg.ema_val and ckpt.get("ema") is not None),
-                       "seed": cfg.seed}
+                       "seed": cfg.seed, "dequant": cfg.dequant}
                 with open(os.path.join(save_dir, "eval.json"), "w") as f:
                     json.dump(out, f, indent=2)
                 print(f"wrote {os.path.join(save_dir, 'eval.json')}")

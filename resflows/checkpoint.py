@@ -111,6 +111,9 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             for key in ("config", "model_config", "model"):
                 if key not in obj:
                     raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
+            if isinstance(obj["config"], dict) and obj["config"].get("imagesize", 0) is None:
+                # Written when a missing --imagesize meant the native size (28 for mnist), now 32: keep its size.
+                obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
             return obj
         if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
             raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")
@@ -175,7 +178,19 @@ def _build(path: str, ckpt: Dict[str, Any]):
 
 
 def load_state(path: str, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "model") -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the file."""
+    """``load_state_dict(strict=True)`` with a one-line error naming the file.
+
+    Two entries are taken from ``model`` instead of the file, as the paper's code does: ``last_n_samples``
+    when ``--n-samples`` changed (a record of the last draws, sized by it), and the constant Normalize
+    statistics that checkpoints written before they became state lack.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    for k, v in own.items():
+        if k.endswith("last_n_samples") and k in state_dict and state_dict[k].shape != v.shape:
+            state_dict[k] = v
+        elif k.endswith((".mean", ".std")) and k not in state_dict and (k.startswith("init_layer.") or k.startswith("transforms.0.chain.0.")):
+            state_dict[k] = v
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -101,7 +101,7 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", type=str, default=d.data, choices=list(DATASETS), help="dataset (digits: scikit-learn's 8x8 digits, offline)")
     a("--dataroot", type=str, default=d.dataroot, help="dataset root; .pth datasets live under it")
-    a("--imagesize", type=_optional_int, default=d.imagesize, help="resize to this size (default: the dataset's native size)")
+    a("--imagesize", type=_optional_int, default=d.imagesize, help="resize to this size (default 32 as the paper; digits: 8)")
     a("--nbits", type=int, default=d.nbits, help="bit depth for celebahq")
     a("--block", type=str, choices=["resblock", "coupling"], default=d.block)
     a("--coeff", type=float, default=d.coeff, help="Lipschitz target of every normalised layer")
@@ -130,6 +130,8 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a("--kernels", type=str, default=d.kernels, help="kernel sizes of each residual branch, e.g. 3-1-3")
     a("--logit-transform", type=_bool, default=d.logit_transform)
     a("--add-noise", type=_bool, default=d.add_noise, help="uniform dequantisation")
+    a("--dequant", choices=["exact", "paper"], default=d.dequant,
+      help="with --nbits < 8: exact (k + u) / nvals, or the paper's ((nvals - 1) k / nvals + u) / nvals")
     a("--quadratic", type=_bool, default=d.quadratic, help="invertible 1x1 convolution before each block")
     a("--fc-end", type=_bool, default=d.fc_end)
     a("--fc-idim", type=int, default=d.fc_idim)
@@ -175,13 +177,14 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a("--temp", type=float, default=d.temp, help="sampling temperature (std of z)")
     a("--nrow", type=_optional_int, default=d.nrow, help="images per row of the sample grid")
     a("--device", type=str, default=d.device, help="auto, cpu, cuda or cuda:N")
+    a("--tf32", type=_bool, default=d.tf32, help="allow TF32 convolutions and matmuls on GPUs (default: full float32, as the paper)")
     return p
 
 
 # Flags that fix the architecture: on --resume they must agree with the checkpoint.
 ARCH_FLAGS = (
     "data", "imagesize", "padding", "squeeze_first", "block", "idim", "nblocks", "factor_out", "quadratic",
-    "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels", "fc_end",
+    "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels", "fc_end",
     "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
     "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
 )
@@ -202,7 +205,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
 
 
 # Flags that describe this machine or this invocation: always taken from the command line on --resume.
-RUN_FLAGS = ("resume", "dataroot", "nworkers", "device", "evaluate", "sample", "temp", "nrow", "max_iters", "save")
+RUN_FLAGS = ("resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow", "max_iters", "save")
 
 
 def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], checkpoint_path: str) -> TrainConfig:

@@ -126,10 +126,11 @@ class ModelConfig:
     learnable_concat: bool = True
     lip_coeff: float = 0.98
 
-    # Names of the fields that fix the architecture (state_dict keys and shapes).
+    # Names of the fields that fix the architecture (state_dict keys and shapes). n_samples sizes only the
+    # last_n_samples record, which a resume with another --n-samples rebuilds (as the paper's code does).
     ARCH_FIELDS = (
         "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
-        "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "n_samples", "act", "kernels",
+        "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels",
         "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
         "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
     )
@@ -219,7 +220,7 @@ class TrainConfig:
 
     data: str = "cifar10"
     dataroot: str = "data"
-    imagesize: Optional[int] = None  # None: the dataset's native size (32 for the torchvision datasets)
+    imagesize: Optional[int] = None  # None: 32 (the paper's default) for every paper dataset, 8 for digits
     nbits: int = 8
     block: str = "resblock"
     coeff: float = 0.98
@@ -247,6 +248,7 @@ class TrainConfig:
     kernels: str = "3-1-3"
     logit_transform: bool = True
     add_noise: bool = True
+    dequant: str = "exact"  # ours: 'paper' reproduces the paper's overlapping 5-bit bins (--nbits < 8)
     quadratic: bool = False
     fc_end: bool = True
     fc_idim: int = 128
@@ -291,6 +293,7 @@ class TrainConfig:
     temp: float = 1.0
     nrow: Optional[int] = None
     device: str = "auto"
+    tf32: bool = False  # ours: TF32 convolutions / matmuls on GPUs that have them (the paper ran full float32)
     compile: bool = False
 
     def to_dict(self) -> Dict[str, Any]:

@@ -8,11 +8,14 @@ and a resumed run sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import logging
 import math
 import os
 import shutil
 import socket
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -43,6 +46,14 @@ class DataNotFoundError(FileNotFoundError):
 # ------------------------------------------------------------------------------------------------
 # Sources of uint8 level images
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _note_not_memory_mapped(path: str) -> None:
+    # Once per file (celeba_5bit reads one file for both splits).
+    logging.getLogger("resflows").warning(
+        "%s is in torch's old non-zip format: loaded into memory instead of memory-mapped "
+        "(re-save it with torch.save to memory-map it)", path)
+
+
 class PthImages(Dataset):
     """A ``.pth`` file holding a uint8 ``[N, C, H, W]`` tensor (SPEC section 5); labels are 0.
 
@@ -55,7 +66,12 @@ class PthImages(Dataset):
             hint = f" Build it with {script_hint}." if script_hint else ""
             raise DataNotFoundError(f"dataset file {path} not found.{hint} See README.md, section Preprocessing.")
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if zipfile.is_zipfile(path):
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                # torch's old (pre-1.6, non-zip) format cannot be memory-mapped: read it whole.
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                _note_not_memory_mapped(os.path.abspath(path))
         except Exception as e:  # noqa: BLE001 - any failure here means a bad file
             raise DataNotFoundError(f"{path} is not a readable .pth tensor file ({type(e).__name__}: {e}).") from None
         if not isinstance(data, torch.Tensor) or data.dim() != 4 or data.dtype != torch.uint8:
@@ -206,8 +222,12 @@ class ImageLevelsDataset(Dataset):
     """Augments and dequantises a source of level images; deterministic per (seed, epoch, index)."""
 
     def __init__(self, source: Dataset, nvals: int, augment: Tuple[Callable, ...] = (), add_noise: bool = True,
-                 padding: int = 0, padding_dist: str = "uniform", seed: int = 0, levels_from: int = 256):
+                 padding: int = 0, padding_dist: str = "uniform", seed: int = 0, levels_from: int = 256,
+                 dequant: str = "exact"):
         self.source, self.nvals, self.augment = source, nvals, tuple(augment)
+        if dequant not in ("exact", "paper"):
+            raise ValueError(f"--dequant must be exact or paper, got {dequant!r}")
+        self.dequant = dequant
         self.add_noise, self.padding, self.padding_dist = add_noise, padding, padding_dist
         self.seed, self.epoch = seed, 0
         # Bit reduction (celebahq --nbits): source levels 0..levels_from-1 -> 0..nvals-1.
@@ -227,7 +247,13 @@ class ImageLevelsDataset(Dataset):
         if self.shift:
             k = torch.div(k, 2**self.shift, rounding_mode="floor")
         x = k.to(torch.float32)
-        if self.add_noise:
+        if self.shift and self.dequant == "paper":
+            # The paper's reduce_bits gives k / nvals and its add_noise then scales by nvals - 1:
+            # x = ((nvals - 1) k / nvals + u) / nvals, overlapping bins in [0, 1 - 1/nvals] (or k / nvals).
+            x = x / self.nvals
+            if self.add_noise:
+                x = (x * (self.nvals - 1) + torch.rand(x.shape, generator=g)) / self.nvals
+        elif self.add_noise:
             x = (x + torch.rand(x.shape, generator=g)) / self.nvals
         else:
             x = x / (self.nvals - 1)
@@ -255,14 +281,15 @@ class DatasetSpec:
     forced_size: bool  # the paper forces this image size whatever --imagesize says
     logit_alpha: float
     nvals_fixed: Optional[int] = None  # None: 2**nbits (celebahq)
+    default_size: int = 32  # without --imagesize (the paper's default 32; digits: native 8)
 
     def nvals(self, nbits: int = 8) -> int:
         return self.nvals_fixed if self.nvals_fixed is not None else 2**nbits
 
     def resolve_size(self, imagesize: Optional[int]) -> int:
-        if self.forced_size or imagesize is None:
+        if self.forced_size:
             return self.native_size
-        return int(imagesize)
+        return self.default_size if imagesize is None else int(imagesize)
 
 
 DATASETS = {
@@ -273,7 +300,7 @@ DATASETS = {
     "celeba_5bit": DatasetSpec("celeba_5bit", 3, 1, 64, True, 0.05, 32),
     "imagenet32": DatasetSpec("imagenet32", 3, 1, 32, True, 0.05, 256),
     "imagenet64": DatasetSpec("imagenet64", 3, 1, 64, True, 0.05, 256),
-    "digits": DatasetSpec("digits", 1, 10, 8, False, 0.05, 17),
+    "digits": DatasetSpec("digits", 1, 10, 8, False, 0.05, 17, default_size=8),
 }
 
 _PTH = {
@@ -300,7 +327,7 @@ def get_spec(name: str) -> DatasetSpec:
 
 def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Optional[int] = None, nbits: int = 8,
                   task: str = "density", add_noise: bool = True, padding: int = 0, padding_dist: str = "uniform",
-                  rcrop_pad_mode: str = "reflect", seed: int = 0) -> ImageLevelsDataset:
+                  rcrop_pad_mode: str = "reflect", seed: int = 0, dequant: str = "exact") -> ImageLevelsDataset:
     """The train or test split of ``--data name`` as dequantised float images in [0, 1] and labels."""
     spec = get_spec(name)
     size = spec.resolve_size(imagesize)
@@ -315,7 +342,7 @@ def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Opt
             if classification:
                 augment.append(_random_crop(4, rcrop_pad_mode))
             augment.append(_flip)
-        if train and name == "svhn" and classification:
+        if train and name == "svhn":  # every task, as the paper (not only classification)
             augment.append(_random_crop(4, rcrop_pad_mode))
     else:
         train_file, test_file, script = _PTH[name]
@@ -329,4 +356,4 @@ def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Opt
         if train and name in ("celebahq", "celeba_5bit"):
             augment.append(_flip)
     return ImageLevelsDataset(source, spec.nvals(nbits), tuple(augment), add_noise, padding, padding_dist, seed,
-                              levels_from=levels_from)
+                              levels_from=levels_from, dequant=dequant)

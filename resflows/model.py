@@ -370,6 +370,10 @@ class ResidualFlow(nn.Module):
                     f"choose an --imagesize that halves evenly {self.n_scale - 1} times, or fewer --nblocks entries"
                 )
             init_layer = self._init_layer() if i == 0 else None
+            if i == 0:
+                # The paper's model also keeps its input layer as ``init_layer``: for Normalize that is two
+                # more state_dict keys (init_layer.mean / .std), so its checkpoints load strictly.
+                self.init_layer = init_layer
             transforms.append(builder.stack(size, config.nblocks[i], squeeze_out=not last, init_layer=init_layer,
                                             first_resblock=config.first_resblock and i == 0))
             if not last:
@@ -424,11 +428,14 @@ class ResidualFlow(nn.Module):
                 logdet = logdet + ld
             else:
                 x = stack.transform(x)
-            h = x
             if self.config.factor_out and idx < last:
                 d = x.shape[1] // 2
                 x, h = x[:, :d], x[:, d:]
                 out.append(h)
+            elif not self.config.factor_out or idx == 0:
+                h = x
+            # else (factor_out, last scale): h is still the half factored out at the previous scale. The paper's
+            # last head sees that (same shape as the last scale's output), so its checkpoints give its logits.
             if classify:
                 heads.append(self.classification_heads[idx](h))
         out.append(x)

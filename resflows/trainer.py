@@ -39,11 +39,12 @@ from .distributed import (
     is_distributed,
 )
 from .factory import image_size, model_config_from, nvals_of
-from .layers.lipschitz import _LipschitzMap
+from .layers.lipschitz import _LipschitzMap, norm_order_gradients
 from .losses import bits_per_dim, padding_logprob
 from .model import ResidualFlow
 
-__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "ModelForward", "compute_loss", "make_optimizer", "setup_logger", "stop_on_signals"]
+__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "ModelForward", "compute_loss", "make_optimizer", "paper_optimizer_state",
+           "setup_logger", "stop_on_signals"]
 
 logger = logging.getLogger("resflows")
 
@@ -95,12 +96,13 @@ class EMA:
 
 class LRSchedule:
     """Linear warm-up over ``--warmup-iters`` batches, then ``--scheduler`` (if set) by epoch:
-    cosine warm restarts (T0 = 20 epochs, Tmult 2) for adam-like optimisers, x0.2 at 60/120/160 for SGD.
-    (The paper's warm-up overwrote the LR every iteration, so its scheduler never applied.)"""
+    cosine warm restarts (T0 = 20 epochs, Tmult 2) for adam, x0.2 at 60/120/160 for SGD, nothing for
+    adamax / rmsprop (the paper's choice). (The paper's warm-up overwrote the LR every iteration, so its
+    scheduler never applied.)"""
 
     def __init__(self, cfg: TrainConfig):
         self.base_lr, self.warmup = cfg.lr, max(cfg.warmup_iters, 0)
-        self.kind = None if not cfg.scheduler else ("multistep" if cfg.optimizer == "sgd" else "cosine")
+        self.kind = {"adam": "cosine", "sgd": "multistep"}.get(cfg.optimizer) if cfg.scheduler else None
 
     def factor(self, itr: int, epoch_float: float) -> float:
         f = min(1.0, (itr + 1) / self.warmup) if self.warmup > 0 else 1.0
@@ -119,6 +121,36 @@ class LRSchedule:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "base_lr": self.base_lr, "warmup": self.warmup}
+
+
+def paper_optimizer_state(paper: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """The optimiser state of a paper checkpoint, re-indexed for ``optimizer``.
+
+    The paper's single parameter group holds every model parameter, the frozen ``geom_p`` / ``lamb``
+    included (92 entries where ours has 78); ours holds the trainable ones. Entries are matched by position in
+    ``model.parameters()`` (the same order in both codes, as the state_dict keys are); the frozen ones are
+    dropped. Raises ValueError when the layout does not fit.
+    """
+    params = list(model.parameters())
+    groups = paper.get("param_groups") or []
+    ids = [i for g in groups for i in g["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"it covers {len(ids)} parameters, the model has {len(params)}")
+    ours = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state: Dict[int, Dict[str, Any]] = {}
+    for pid, p in zip(ids, params):
+        entry = paper["state"].get(pid)
+        if entry is None or id(p) not in index:
+            continue
+        entry = dict(entry)
+        for k, v in entry.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"its {k!r} for a parameter of shape {tuple(p.shape)} has shape {tuple(v.shape)}")
+        if "step" in entry and not torch.is_tensor(entry["step"]):
+            entry["step"] = torch.tensor(float(entry["step"]))  # torch.optim keeps the step as a tensor
+        state[index[id(p)]] = entry
+    return {"state": state, "param_groups": ours["param_groups"]}
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -261,7 +293,7 @@ class Trainer:
         seed = cfg.seed or 0
         common = dict(dataroot=cfg.dataroot, imagesize=image_size(cfg), nbits=cfg.nbits, task=cfg.task,
                       add_noise=cfg.add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
-                      rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed)
+                      rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed, dequant=cfg.dequant)
         # More workers than cores only adds contention (torch warns about it): cap at the cores we have.
         workers = max(0, min(cfg.nworkers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
         # Own generator: creating loader iterators must not consume the global RNG (exact resume). Workers
@@ -281,11 +313,20 @@ class Trainer:
                                            drop_last=True, **loader_kw)
             # Full epoch length (len(train_loader) shrinks when a resumed epoch skips its first batches).
             self.batches_per_epoch = self.sampler.num_samples // self.per_rank_batch
+            # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
+            # run) does not repeat the warm-up. Our checkpoints restore their own counters afterwards.
+            self.itr = self.epoch * self.batches_per_epoch
+            self.step = self.itr // cfg.update_freq
 
     def wrap(self) -> None:
         """Under torchrun: DistributedDataParallel (buffers are synchronised explicitly after each step)."""
         module = ModelForward(self.model)
         if is_distributed():
+            # Learned norm orders get no gradient from the loss (see norm_order_gradients): every rank computes
+            # theirs from identical weights, so DDP must not wait for them.
+            orders = [f"model.{n}" for n, p in self.model.named_parameters() if n.endswith(("domain", "codomain"))]
+            if orders:
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, orders)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
         else:
@@ -372,7 +413,12 @@ class Trainer:
         saved_opt = (ckpt.get("config") or {}).get("optimizer")
         if ckpt.get("optimizer") and saved_opt == self.cfg.optimizer:
             try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
+                opt_state = ckpt["optimizer"]
+                if ckpt.get("format") != "resflows":
+                    opt_state = paper_optimizer_state(opt_state, self.model, self.optimizer)
+                self.optimizer.load_state_dict(opt_state)
+                if ckpt.get("format") != "resflows":
+                    logger.info("optimizer state of %s mapped onto ours (%d parameters with state)", path, len(opt_state["state"]))
             except Exception as e:  # noqa: BLE001 - any mismatch: the state is unusable, not fatal
                 logger.info("optimizer state in %s not used (%s); starting the optimizer afresh", path, e)
                 self.optimizer = make_optimizer(self.cfg, self.model.parameters())
@@ -397,7 +443,7 @@ class Trainer:
             else:
                 set_rng_state(rng)
         else:
-            logger.info("resumed from a paper checkpoint: counters restart at epoch %d", self.epoch)
+            logger.info("resumed from a paper checkpoint: epoch %d (--begin-epoch), iteration %d", self.epoch, self.itr)
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -499,6 +545,8 @@ class Trainer:
                 )
             return None
         self.nonfinite_in_a_row = 0
+        if self.cfg.learn_p:
+            norm_order_gradients(self.model)  # after clipping and not clipped, as the paper
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -6,6 +6,7 @@ import torch
 
 from resflows import ModelConfig, ResidualFlow, exact_logdet
 from resflows.config import ConfigError
+from resflows.layers.lipschitz import norm_order_gradients
 
 D64 = torch.float64
 
@@ -125,6 +126,9 @@ def test_every_trainable_parameter_receives_a_gradient():
     model.train()
     z, logdet, logits = model.forward_with_logits(x)
     (z.pow(2).sum() - logdet.sum() + logits.sum()).backward()
+    orders = [p for name, p in model.named_parameters() if name.endswith(("domain", "codomain"))]
+    assert orders and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in orders)  # not from the loss...
+    norm_order_gradients(model)  # ...but from their own objective, as the paper
     for name, p in model.named_parameters():
         if name.endswith(("geom_p", "lamb")):
             assert p.grad is None and not p.requires_grad

@@ -42,17 +42,17 @@ class LogitTransform(FlowLayer):
 
 class Normalize(FlowLayer):
     """``y = (x - mean) / std`` per channel (the init layer of CIFAR-10 classification / hybrid models).
-    Mean and std are plain attributes, not state (the paper's checkpoints have no keys for them)."""
+    Mean and std are float32 buffers, as in the paper's code, so its checkpoints carry (and set) them."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.register_buffer("mean", torch.as_tensor([float(m) for m in mean], dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor([float(s) for s in std], dtype=torch.float32))
 
     def _stats(self, x: Tensor):
-        c = len(self.mean)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+        c = self.mean.numel()
+        mean = self.mean.to(x.dtype).view(1, c, 1, 1)
+        std = self.std.to(x.dtype).view(1, c, 1, 1)
         return c, mean, std
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -70,4 +70,4 @@ class Normalize(FlowLayer):
         return (-torch.log(std).sum() * hw).expand(x.shape[0])
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean}, std={self.std}"
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"

@@ -36,6 +36,7 @@ __all__ = [
     "asym_squash",
     "update_lipschitz",
     "lipschitz_layers",
+    "norm_order_gradients",
     "normalize_u",
     "normalize_v",
 ]
@@ -219,14 +220,18 @@ class _InducedNorm(_LipschitzMap):
         self.refresh_scale()
 
     def sigma(self) -> Tensor:
-        u, v = self.u, self.v
-        if self.learnable_orders:
-            # One power step *with* gradient so that sigma, and hence the loss, depends on the
-            # learned orders (otherwise they would receive no gradient).
-            domain, codomain = self.orders()
-            u = normalize_u(self._matvec(self.weight, v), codomain)
-            v = normalize_v(self._rmatvec(self.weight, u), domain)
-        return torch.dot(u, self._matvec(self.weight, v))
+        # The stored vectors, also with learned orders (as the paper): the orders get their gradient from
+        # one_step_sigma, a separate objective, not from the loss.
+        return torch.dot(self.u, self._matvec(self.weight, self.v))
+
+    def one_step_sigma(self) -> Tensor:
+        """sigma after one power step from the stored (detached) vectors and weight, differentiable in the
+        norm orders only: the paper's objective for learning them (``--learn-p``)."""
+        domain, codomain = self.orders()
+        weight = self.weight.detach()
+        u = normalize_u(self._matvec(weight, self.v.detach()), codomain)
+        v = normalize_v(self._rmatvec(weight, u), domain)
+        return torch.dot(u, self._matvec(weight, v))
 
     @torch.no_grad()
     def power_step(self, atol: Optional[float] = None, rtol: Optional[float] = None) -> Optional[Tensor]:
@@ -505,6 +510,22 @@ def get_conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias
     """The normalised convolution for (domain, codomain): closed form when one exists."""
     cls = LopConv2d if _use_closed_form(domain, codomain) else InducedNormConv2d
     return cls(in_channels, out_channels, kernel_size, stride, padding, bias, coeff, domain=domain, codomain=codomain, **kwargs)
+
+
+def norm_order_gradients(module: nn.Module) -> Optional[Tensor]:
+    """Accumulate the learned norm orders' gradients from the paper's objective: the mean over the
+    power-method layers with learned orders of their one-step sigma estimate (it pushes the orders towards
+    smaller operator norms). Call after clipping the loss gradients (the paper's order: these are not
+    clipped). A NaN gradient of an order is dropped. Returns the objective, or None without learned orders."""
+    layers = [m for m in module.modules() if isinstance(m, _InducedNorm) and m.learnable_orders]
+    if not layers:
+        return None
+    objective = torch.stack([m.one_step_sigma() for m in layers]).mean()
+    objective.backward()
+    for m in layers:
+        if m.domain.grad is not None and torch.isnan(m.domain.grad).any():
+            m.domain.grad = None
+    return objective.detach()
 
 
 def lipschitz_layers(module: nn.Module) -> List[_LipschitzMap]:

@@ -20,10 +20,28 @@ from ..layers import (
     make_activation,
     update_lipschitz,
 )
+from ..layers.base import zeros_logdet
 from ..layers.lipschitz import _LipschitzMap
 from .config import ToyConfig
 
-__all__ = ["ToyFlow", "build_toy_model", "residual_net", "coupling_net"]
+__all__ = ["ToyFlow", "MovingBatchNormFlow1d", "build_toy_model", "residual_net", "coupling_net"]
+
+
+class MovingBatchNormFlow1d(MovingBatchNorm1d):
+    """The mean-only moving batch norm as a flow layer between blocks (``--batchnorm``, as the paper's toy):
+    a shift by the running mean, so its log-det is 0."""
+
+    def forward(self, x):  # type: ignore[override]
+        return super().forward(x), zeros_logdet(x)
+
+    def inverse(self, y):  # type: ignore[override]
+        return super().inverse(y), zeros_logdet(y)
+
+    def transform(self, x):
+        return super().forward(x)
+
+    def invert(self, y):
+        return super().inverse(y)
 
 
 class ToyFlow(SequentialFlow):
@@ -60,8 +78,8 @@ class ToyFlow(SequentialFlow):
 def _orders(cfg: ToyConfig) -> Tuple[list, list]:
     """Domain and codomain of each linear layer of one residual net.
 
-    Fixed orders: layer i maps p_i -> p_{i+1} (``--vnorms``). ``--mixed False`` uses the 2-norm everywhere
-    (plain spectral normalisation). ``--learn-p``: learnable orders, one per position and shared cyclically
+    Fixed orders: layer i maps p_i -> p_{i+1} (``--vnorms``, also with ``--mixed False``, as the paper's toy
+    script: ``--mixed`` only matters with ``--learn-p``). ``--learn-p``: learnable orders, one per position and shared cyclically
     (layer i maps p_i -> p_{i+1}, the last maps back to p_0, so the branch is contractive in the p_0 norm);
     with ``--mixed False`` a single learned order is shared by every layer, as in the paper's toy script.
     """
@@ -72,26 +90,21 @@ def _orders(cfg: ToyConfig) -> Tuple[list, list]:
         else:
             domains = [nn.Parameter(torch.tensor(0.0))] * n
         return domains, domains[1:] + domains[:1]
-    ps = list(cfg.orders) if cfg.mixed else [2.0] * (n + 1)
+    ps = list(cfg.orders)
     return ps[:-1], ps[1:]
 
 
 def residual_net(cfg: ToyConfig) -> nn.Sequential:
     """``act, Linear(2, d1), act, ..., act, Linear(dk, 2)`` with Lipschitz-normalised linear layers, the last
-    initialised near zero (the block starts near the identity). ``--batchnorm`` adds mean-only moving batch
-    norms as the image model's residual nets do: before the pre-activation and after every linear layer."""
+    initialised near zero (the block starts near the identity)."""
     domains, codomains = _orders(cfg)
     sizes = (2,) + tuple(cfg.dims) + (2,)
     layers: List[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        if i == 0 and cfg.batchnorm:
-            layers.append(MovingBatchNorm1d(n_in))
         layers.append(make_activation(cfg.act))
         layers.append(get_linear(n_in, n_out, coeff=cfg.coeff, domain=domains[i], codomain=codomains[i],
                                  n_iterations=cfg.n_lipschitz_iters, atol=cfg.atol, rtol=cfg.rtol,
                                  zero_init=i == len(sizes) - 2))
-        if cfg.batchnorm:
-            layers.append(MovingBatchNorm1d(n_out))
     return nn.Sequential(*layers)
 
 
@@ -104,8 +117,6 @@ def coupling_net(cfg: ToyConfig) -> nn.Sequential:
         if i > 0:
             layers.append(make_activation(cfg.act))
         layers.append(nn.Linear(n_in, n_out))
-        if cfg.batchnorm:
-            layers.append(MovingBatchNorm1d(n_out))
     last = [m for m in layers if isinstance(m, nn.Linear)][-1]
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
@@ -113,7 +124,7 @@ def coupling_net(cfg: ToyConfig) -> nn.Sequential:
 
 
 def build_toy_model(cfg: ToyConfig) -> ToyFlow:
-    """The 2-D flow of ``train_toy.py``: ``[ActNorm] nblocks x (block [ActNorm])``.
+    """The 2-D flow of ``train_toy.py``: ``[ActNorm] nblocks x (block [ActNorm] [MovingBatchNorm])``.
 
     iresnet: residual blocks with the estimator flags (the paper's toy used plain backprop through the
     series: no Neumann gradient, no backward-in-forward). realnvp: each of the ``nblocks`` steps is two
@@ -140,4 +151,6 @@ def build_toy_model(cfg: ToyConfig) -> ToyFlow:
             chain.append(CouplingBlock(2, coupling_net(cfg), swap=True))
         if cfg.actnorm:
             chain.append(ActNorm1d(2))
+        if cfg.batchnorm:
+            chain.append(MovingBatchNormFlow1d(2))
     return ToyFlow(chain, cfg.lipschitz_kwargs())

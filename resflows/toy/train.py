@@ -1,9 +1,9 @@
 """The training loop of ``train_toy.py``: fresh toy samples every step, NLL in nats, a Lipschitz update after
 every optimiser step, validation on a fixed test set with exact 2-D log-dets, figures and checkpoints.
 
-Reuses the image trainer's pieces: ``make_optimizer`` (Adam with decoupled weight decay), the
-``resflows`` logger, ``_progress`` bars and ``stop_on_signals``; checkpoints are written atomically with
-``resflows.checkpoint.atomic_save`` in a safe format (``torch.load(weights_only=True)``).
+Reuses the image trainer's pieces: the ``resflows`` logger, ``_progress`` bars and ``stop_on_signals``;
+checkpoints are written atomically with ``resflows.checkpoint.atomic_save`` in a safe format
+(``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..checkpoint import CheckpointError, atomic_save
+from ..layers.lipschitz import norm_order_gradients
 from ..losses import standard_normal_logprob
-from ..trainer import MAX_NONFINITE_STEPS, TrainingError, _progress, make_optimizer
+from ..trainer import MAX_NONFINITE_STEPS, TrainingError, _progress
 from .config import ToyConfig
 from .data import data_rng, sample, sample_tensor
 from .model import ToyFlow, build_toy_model
@@ -40,7 +41,9 @@ class ToyTrainer:
                  chunk_size: int = DEFAULT_CHUNK):
         self.cfg, self.device, self.save_dir, self.chunk_size = cfg, device, save_dir, chunk_size
         self.model = model.to(device)
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        # Adam with torch's default betas (0.9, 0.999), as the paper's toy script; weight decay decoupled.
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         self.train_rng = data_rng(cfg.seed, "train")
         # A fixed test set (the paper drew a fresh one at every validation): test losses compare across iterations.
         self.test_x = sample_tensor(cfg.data, cfg.test_batch_size, data_rng(cfg.seed, "test"), device)
@@ -98,13 +101,17 @@ class ToyTrainer:
                                     f"try a lower --lr or a smaller --coeff")
             return None
         self.nonfinite_in_a_row = 0
+        if self.cfg.learn_p:
+            norm_order_gradients(self.model)  # the orders' own objective (they do not enter the loss)
         self.optimizer.step()
         self.model.update_lipschitz()  # power iterations for the new weights (Sec. 3.4)
         return {k: float(v.detach()) for k, v in out.items()}
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Test NLL (nats) on the fixed test set, exact 2-D log-dets (evaluation mode), in chunks."""
+        """Test NLL (nats) on the fixed test set, exact 2-D log-dets (evaluation mode), in chunks, after 200
+        power iterations whose vectors training then continues from (as the paper's toy script)."""
+        self.model.update_lipschitz(n_iterations=200)
         with eval_mode(self.model):
             loss = float(-log_density(self.model, self.test_x, self.chunk_size).mean())
         self.last_test_loss = loss
