@@ -8,6 +8,7 @@ tensor that is backed by such a file.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import mmap
@@ -33,6 +34,13 @@ CHUNK_BYTES = 32 * 1024 * 1024
 
 # Exit status for an unexpected exception (a bug), as sysexits.h's EX_SOFTWARE.
 EXIT_BUG = 70
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2, as train_img.py."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class InputError(Exception):

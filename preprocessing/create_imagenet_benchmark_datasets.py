@@ -24,11 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.create_imagenet_benchmark_datasets (tests, python -m)
-    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, atomic_output, check_free_space, flush_memmap,
-                          human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
+                          check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
+                          save_nchw_pth, temp_path)
 else:  # run as a script: python preprocessing/create_imagenet_benchmark_datasets.py
-    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, atomic_output, check_free_space, flush_memmap,
-                         human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
+                         check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
+                         save_nchw_pth, temp_path)
 
 PROG = "create_imagenet_benchmark_datasets.py"
 RESOLUTIONS = (32, 64)
@@ -123,7 +125,7 @@ def build_split(files: Sequence[str], out_dir: str, split: str, size: int,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build imagenet32/imagenet64 .npy (NHWC) and .pth (NCHW) files from downsampled-ImageNet PNGs.",
         epilog="Example: %(prog)s --resolution 32   # reads data/imagenet32/{train,valid}_32x32/*.png\n"

@@ -33,11 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.extract_celeba_from_tfrecords (tests, python -m)
-    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, check_free_space, format_list, human_bytes,
-                          open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
+                          format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
 else:  # run as a script: python preprocessing/extract_celeba_from_tfrecords.py
-    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, check_free_space, format_list, human_bytes,
-                         open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
+                         format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
 
 PROG = "extract_celeba_from_tfrecords.py"
 SPLITS = ("train", "validation")
@@ -279,7 +279,7 @@ def extract_split(shards: Sequence[str], out_path: str, desc: str = "") -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Extract CelebA-HQ 256x256 from Glow's TFRecords (celeba-tfr) into "
                     "<dataroot>/celebahq/celeba256_{train,validation}.pth, without TensorFlow.",

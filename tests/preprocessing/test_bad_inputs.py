@@ -132,7 +132,7 @@ CASES: Dict[str, Case] = {
                                                           r"disk full: writing a\.pth needs .* of free space"),
     "convert: too little room before starting": Case("convert_to_pth.py", _npy, disk_nearly_full, 1,
                                                      r"disk full: writing a\.pth .* needs 67\.8 KB of free space .* only 10\.0 KB is free"),
-    "convert: internal error": Case("convert_to_pth.py", _npy, a_bug, _common.EXIT_BUG,
+    "convert: internal error": Case("convert_to_pth.py", _npy, a_bug, 70,  # EX_SOFTWARE
                                     r"internal error .*this is a bug in resflows, please report it"),
     "celeba: temporary cannot be reserved": Case("extract_celeba_from_tfrecords.py", _tfrecords, fallocate_fails,
                                                  1, DISK_FULL),
@@ -148,6 +148,13 @@ CASES: Dict[str, Case] = {
                                                            r"disk full: writing valid_32x32\.pth"),
     "imagenet: too little room before starting": Case("create_imagenet_benchmark_datasets.py", _pngs,
                                                       disk_nearly_full, 1, r"disk full: building valid_32x32 .* needs 93\.2 KB"),
+    "convert: --max-value 300": Case("convert_to_pth.py", lambda t: _npy(t) + ["--max-value", "300"], no_fault, 2,
+                                     r"--max-value must be in 1\.\.255, got 300 \(see --help\)"),
+    "celeba: --split test": Case("extract_celeba_from_tfrecords.py", lambda t: _tfrecords(t) + ["--split", "test"],
+                                 no_fault, 2, r"argument --split: invalid choice: 'test'"),
+    "imagenet: --resolution 48": Case("create_imagenet_benchmark_datasets.py",
+                                      lambda t: _pngs(t) + ["--resolution", "48"], no_fault, 2,
+                                      r"argument --resolution: invalid choice: 48"),
     "imagenet: PNG header claims 50000x50000": Case(
         "create_imagenet_benchmark_datasets.py", lambda t: _png_claiming(t, 50000, 50000), no_fault, 1,
         r"valid_32x32/001\.png: header claims a huge image, refused as a possible decompression bomb .*"
@@ -178,13 +185,16 @@ def test_bad_input_is_one_line_and_loses_nothing(name, tmp_path, monkeypatch, ca
     before = _snapshot(tmp_path)
     case.fault(monkeypatch)
 
-    status = MODULES[case.script].main(argv)
+    try:
+        status = MODULES[case.script].main(argv)
+    except SystemExit as e:  # argparse, for a bad flag
+        status = e.code
 
     err = capsys.readouterr().err
     lines = _message_lines(err)
     assert status == case.status, err
     assert lines and re.fullmatch(rf"{re.escape(case.script)}: error: .*{case.line}.*", lines[-1]), err
-    if case.status == 1:
+    if case.status != 70:
         assert len(lines) == 1 and "Traceback" not in err, err  # one line, nothing else
     else:
         assert lines[0] == "Traceback (most recent call last):", err
