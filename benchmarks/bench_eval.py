@@ -22,7 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CONFIGS, inputs_for, machine, peak_rss_mb, run_child, table, train_config  # noqa: E402
+from common import (CONFIGS, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
+                    int_at_least, machine, peak_rss_mb, report_failures, run_child, run_main, table, train_config,
+                    write_results)
 
 PRESETS = {"make": [("mnist", 297, 64)], "quick": [("mnist", 297, 16)]}
 
@@ -85,16 +87,23 @@ def child(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--config", nargs="*", default=["mnist"], choices=sorted(CONFIGS))
-    p.add_argument("--images", type=int, default=297, help="test images to evaluate")
-    p.add_argument("--samples", type=int, default=64, help="samples to draw")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_eval.json"))
+    p.add_argument("--config", nargs="+", default=["mnist"], choices=sorted(CONFIGS))
+    p.add_argument("--images", type=int_at_least(1), default=297, help="test images to evaluate")
+    p.add_argument("--samples", type=int_at_least(1), default=64, help="samples to draw")
+    p.add_argument("--repeats", type=int_at_least(1), default=3)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_eval.json"),
+                   help="results file, replaced only when every measurement succeeds")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        check_device(args.device)
+        if not args.child:
+            check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
     if args.child:
         args.config = args.config[0]
         child(args)
@@ -105,16 +114,15 @@ def main(argv=None) -> int:
         res = run_child(os.path.abspath(__file__), ["--config", config, "--images", str(images), "--samples", str(samples),
                                                      "--repeats", str(args.repeats), "--device", args.device])
         rows.append({"config": config, **res})
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine(), "repeats": args.repeats, "results": rows}, f, indent=2)
+    report_failures(rows)
     print(f"machine: {machine()}")
     fmt = [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     print(table(fmt, ["config", "val_images", "val_s", "val_images_per_s", "samples", "sample_s", "samples_per_s",
-                      "fixed_point_iters_per_block", "peak_rss_mb", "error"]))
+                      "fixed_point_iters_per_block", "peak_rss_mb", "error"]), flush=True)
+    write_results(args.json, {"machine": machine(), "repeats": args.repeats, "results": rows})
     print(f"\nwrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "bench_eval.py"))

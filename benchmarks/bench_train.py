@@ -27,7 +27,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CONFIGS, MODES, inputs_for, machine, peak_rss_mb, rss_mb, run_child, table, train_config  # noqa: E402
+from common import (CONFIGS, MODES, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
+                    int_at_least, machine, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
+                    write_results)
 
 PRESETS = {
     # name: list of (config, mode, terms); terms None = the unbiased estimator
@@ -114,19 +116,26 @@ def child_toy(args, device) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="bench_train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), help="a predefined list of measurements")
-    p.add_argument("--config", nargs="*", default=["mnist"], choices=sorted(CONFIGS) + ["toy"])
-    p.add_argument("--mode", nargs="*", default=["both"], choices=sorted(MODES))
+    p.add_argument("--config", nargs="+", default=["mnist"], choices=sorted(CONFIGS) + ["toy"])
+    p.add_argument("--mode", nargs="+", default=["both"], choices=sorted(MODES))
     p.add_argument("--sweep", action="store_true", help="also measure truncated series of 2, 5, 10, 20 terms")
-    p.add_argument("--terms", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, default=None, help="override the configuration's batch size")
-    p.add_argument("--steps", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"))
+    p.add_argument("--terms", type=int_at_least(1), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int_at_least(1), default=None, help="override the configuration's batch size")
+    p.add_argument("--steps", type=int_at_least(1), default=7)
+    p.add_argument("--warmup", type=int_at_least(0), default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"),
+                   help="results file, replaced only when every measurement succeeds")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        check_device(args.device)
+        if not args.child:
+            check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
     if args.child:
         args.config, args.mode = args.config[0], args.mode[0]
         child(args)
@@ -141,20 +150,20 @@ def main(argv=None) -> int:
         res = run_child(os.path.abspath(__file__), extra)
         row = {"config": config, "mode": mode, "terms": terms or "unbiased", **res}
         rows.append(row)
-        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()}
+        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k != "bug_report"}
         print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"machine": machine(), "steps": args.steps, "warmup": args.warmup, "results": rows}, f, indent=2)
+    report_failures(rows)
     cols = ["config", "mode", "terms", "median_s", "images_per_s", "baseline_rss_mb", "peak_rss_mb"]
     if any("cuda_peak_mb" in r for r in rows):
         cols.append("cuda_peak_mb")
     print()
     print(f"machine: {machine()}")
-    print(table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], cols + ["error"]))
+    print(table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], cols + ["error"]),
+          flush=True)
+    write_results(args.json, {"machine": machine(), "steps": args.steps, "warmup": args.warmup, "results": rows})
     print(f"\nwrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "bench_train.py"))

@@ -1,13 +1,16 @@
 """Shared pieces of the benchmarks: the paper's benchmark configurations, inputs, memory readings."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
-from typing import Any, Dict, List
+import traceback
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
@@ -99,12 +102,144 @@ def machine() -> str:
 
 
 def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, Any]:
-    """Run one measurement in a fresh process (so its peak RSS is its own) and return its JSON line."""
-    proc = subprocess.run([sys.executable, script, "--child"] + args, capture_output=True, text=True, timeout=timeout)
+    """Run one measurement in a fresh process (so its peak RSS is its own) and return its JSON line.
+
+    A failed measurement returns ``{"error": its last stderr line}``; if the child died of a bug, the key
+    ``"bug_report"`` holds its whole stderr (the traceback), which the caller shows.
+    """
+    try:
+        proc = subprocess.run([sys.executable, script, "--child"] + args, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        last = (proc.stderr.strip().splitlines() or [f"exited with status {proc.returncode} and no message"])[-1]
+        out: Dict[str, Any] = {"error": last}
+        if proc.returncode == EXIT_BUG or "Traceback" in proc.stderr:
+            out["bug_report"] = proc.stderr
+        return out
     return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags and errors: a bad flag or a failed measurement is one line and a non-zero exit, and a results
+# file is only ever replaced by a complete set of measurements.
+# ------------------------------------------------------------------------------------------------
+EXIT_BUG = 70  # an unexpected exception (a bug), as sysexits.h's EX_SOFTWARE
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2, as train_img.py.
+    Defined here rather than imported, so that the scripts can still measure older resflows trees."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class BenchError(Exception):
+    """A user error or a failed measurement: reported as one line, exit status 1."""
+
+
+def int_at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def check_device(device: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists here; else :class:`BenchError`."""
+    if device in ("auto", "cpu"):
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+        index = int(device[5:]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise BenchError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return device
+    raise BenchError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_json_path(path: str) -> str:
+    """The results file must be a writable file path (its folder is created); else :class:`BenchError`."""
+    if os.path.isdir(path):
+        raise BenchError(f"--json {path} is a folder; give a file name, e.g. {os.path.join(path, 'bench.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"--json {path}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise BenchError(f"--json {path}: its folder {folder} is not writable")
+    return path
+
+
+def write_results(path: str, record: Dict[str, Any]) -> None:
+    """Writes the results file atomically, and only if every measurement succeeded.
+
+    A failed measurement raises :class:`BenchError` naming it, and the existing file (tracked results in
+    ``benchmarks/results/``) is left as it was.
+    """
+    for row in record["results"]:
+        if "error" in row:
+            what = " ".join(f"{k} {row[k]}" for k in ("config", "mode", "terms") if k in row)
+            raise BenchError(f"measurement {what} failed: {row['error']}; {path} left unchanged")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise BenchError(f"--json {path}: cannot write the results ({e.strerror or e})") from None
+
+
+def run_main(main: Callable[[], int], prog: str) -> int:
+    """Runs a benchmark's ``main`` and turns errors into one line: 1 for a :class:`BenchError` or an OSError,
+    130 when interrupted, and for anything else (a bug) the traceback, a line saying so and :data:`EXIT_BUG`."""
+    try:
+        return main()
+    except BenchError as e:
+        _error(prog, str(e))
+    except OSError as e:
+        _error(prog, f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+    except torch.cuda.OutOfMemoryError:
+        _error(prog, "out of GPU memory; use a smaller configuration or --batch")
+    except MemoryError:
+        _error(prog, "out of memory; use a smaller configuration or --batch")
+    except KeyboardInterrupt:
+        _error(prog, "interrupted; no results file was written")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        _error(prog, "internal error (the traceback above); this is a bug in resflows, please report it with the "
+                     "command you ran")
+        return EXIT_BUG
+    return 1
+
+
+def _error(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+
+
+def report_failures(rows: List[Dict[str, Any]]) -> None:
+    """Shows the traceback of every measurement that died of a bug (kept out of the table)."""
+    for row in rows:
+        report = row.pop("bug_report", None)
+        if report:
+            sys.stderr.write(report if report.endswith("\n") else report + "\n")
 
 
 def table(rows: List[Dict[str, Any]], cols: List[str]) -> str:

@@ -8,13 +8,17 @@ tensor that is backed by such a file.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
 import mmap
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
+import traceback
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,8 +32,79 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 32 * 1024 * 1024
 
 
+# Exit status for an unexpected exception (a bug), as sysexits.h's EX_SOFTWARE.
+EXIT_BUG = 70
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2, as train_img.py."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class InputError(Exception):
     """Bad input (missing file, wrong format, corrupt data): reported as one line, without a traceback."""
+
+
+# errno values that mean "no room left": a full disk or an exhausted quota.
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+# Room for torch.save's zip container around the tensor bytes (headers, the pickle, alignment).
+PTH_OVERHEAD = 64 * 1024
+
+
+def disk_full_error(folder: str, needed: int, what: str) -> InputError:
+    """The one-line "disk full" error: what needed how much room in ``folder``, and how much is free."""
+    try:
+        available = shutil.disk_usage(folder).free
+        free = (f"only {human_bytes(available)} is free" if available < needed else
+                f"the disk refused it although {human_bytes(available)} is reported free (a quota?)")
+    except OSError:
+        free = "the free space could not be read"
+    return InputError(f"disk full: {what} needs {human_bytes(needed)} of free space in {folder}, but {free}; "
+                      "free some space or write the output to another disk")
+
+
+def check_free_space(folder: str, needed: int, what: str) -> None:
+    """Fails at once, with :func:`disk_full_error`, if ``folder``'s disk has less than ``needed`` bytes free.
+
+    A check before hours of work; the files themselves are also reserved when created (:func:`reserve`).
+    """
+    os.makedirs(folder, exist_ok=True)
+    if shutil.disk_usage(folder).free < needed:
+        raise disk_full_error(folder, needed, what)
+
+
+def reserve(fd: int, nbytes: int, folder: str, what: str) -> None:
+    """Allocates ``nbytes`` of disk for the open file ``fd`` (``os.posix_fallocate``; the file grows to that size).
+
+    A memory-mapped file whose pages have no disk blocks behind them kills the process with SIGBUS when the
+    disk fills up while they are written, with no message and no clean-up. Reserving the blocks first turns
+    a full disk into an ordinary error here, before any work is done. Where the filesystem cannot reserve
+    space (or the platform lacks posix_fallocate) this does nothing.
+    """
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise disk_full_error(folder, nbytes, what) from None
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return  # e.g. some network filesystems: carry on without the reservation
+        raise
+
+
+def _no_space_error(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC/EDQUOT OSError behind ``exc`` (itself or in its cause/context chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def human_bytes(n: float) -> str:
@@ -89,9 +164,27 @@ def atomic_output(path: str) -> Iterator[str]:
         _fsync_dir(folder)
 
 
-def open_memmap(path: str, shape: Tuple[int, ...]) -> np.memmap:
-    """A new uint8 ``.npy`` file of ``shape`` at ``path``, memory-mapped for writing."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+def open_memmap(path: str, shape: Tuple[int, ...], what: str = "") -> np.memmap:
+    """A new uint8 ``.npy`` file of ``shape`` at ``path``, memory-mapped for writing, its disk space reserved.
+
+    ``what`` describes the file in a "disk full" error (default: its name).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    what = what or f"writing {os.path.basename(path)}"
+    nbytes = int(np.prod(shape))
+    try:
+        # The header is written like numpy does it, then the whole file is reserved before it is mapped:
+        # writing into an unreserved mapping on a full disk ends in SIGBUS (see reserve()).
+        with open(path, "w+b") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+            offset = f.tell()
+            reserve(f.fileno(), offset + nbytes, folder, what)
+            f.truncate(offset + nbytes)  # where posix_fallocate is unavailable: a sparse file, as before
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise disk_full_error(folder, nbytes, what) from None
+        raise
+    return np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=tuple(shape))
 
 
 def flush_memmap(array: np.memmap) -> None:
@@ -188,11 +281,22 @@ def save_tensor(tensor: torch.Tensor, path: str, desc: str = "") -> None:
     """``torch.save`` of ``tensor`` to ``path`` atomically (temporary file, flush, fsync, ``os.replace``)."""
     import torch  # imported here, not at the top: it takes seconds, and bad input should fail at once
     nbytes = tensor.numel() * tensor.element_size()
+    folder, name = os.path.split(os.path.abspath(path))
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        with tqdm(total=nbytes, desc=desc or f"write {os.path.basename(path)}", unit="B", unit_scale=True,
-                  unit_divisor=1024, dynamic_ncols=True) as bar:
-            torch.save(tensor, _ProgressWriter(f, bar))
-        f.flush()  # atomic_output fsyncs and renames once the file is closed
+        reserve(f.fileno(), nbytes + PTH_OVERHEAD, folder, f"writing {name}")
+        try:
+            with tqdm(total=nbytes, desc=desc or f"write {os.path.basename(path)}", unit="B", unit_scale=True,
+                      unit_divisor=1024, dynamic_ncols=True) as bar:
+                torch.save(tensor, _ProgressWriter(f, bar))
+            f.flush()
+        except (OSError, RuntimeError) as e:
+            # torch reports a failed write as RuntimeError("... unexpected pos ...") with the OSError only as
+            # its context: name the real cause.
+            if _no_space_error(e) is not None:
+                raise disk_full_error(folder, nbytes + PTH_OVERHEAD, f"writing {name}") from None
+            raise
+        f.truncate(f.tell())  # drop the unused end of the reservation
+        # atomic_output fsyncs and renames once the file is closed
 
 
 def save_nchw_pth(nchw: np.ndarray, path: str, desc: str = "") -> None:
@@ -216,8 +320,9 @@ def npy_nhwc_to_pth(src: np.ndarray, pth_path: str, max_value: int = 255, name: 
     """
     n, h, w, c = src.shape
     folder, base = os.path.split(os.path.abspath(pth_path))
+    check_free_space(folder, 2 * src.nbytes + PTH_OVERHEAD, f"writing {base} (a temporary NCHW copy, then the .pth)")
     with temp_path(folder, base, ".nchw.npy") as tmp:
-        nchw = open_memmap(tmp, (n, c, h, w))
+        nchw = open_memmap(tmp, (n, c, h, w), f"the temporary NCHW copy for {base}")
         try:
             nhwc_to_nchw(src, nchw, max_value, name, desc=f"{desc or base}: NHWC -> NCHW")
             nchw.flush()
@@ -229,8 +334,8 @@ def npy_nhwc_to_pth(src: np.ndarray, pth_path: str, max_value: int = 255, name: 
 def run_cli(main_impl: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]], prog: str) -> int:
     """Runs ``main_impl(argv)`` and turns expected failures into a one-line message and an exit code.
 
-    0: success; 1: bad input or an I/O error (message names the file); 130: interrupted (Ctrl-C or SIGTERM).
-    Other exceptions are bugs and keep their traceback.
+    0: success; 1: bad input or an I/O error (message names the file); 130: interrupted (Ctrl-C or SIGTERM);
+    :data:`EXIT_BUG`: any other exception, which is a bug: its traceback is printed, then a line saying so.
     """
     # SIGTERM (kill, a batch system's time limit) would end Python without running `finally` blocks; as an
     # exception it lets the temporary files be removed like on Ctrl-C.
@@ -244,11 +349,20 @@ def run_cli(main_impl: Callable[[Optional[Sequence[str]]], None], argv: Optional
         return 1
     except OSError as e:  # missing/unreadable input, full disk, permissions
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        _error(prog, f"{where}{e.strerror or e}")
+        full = "disk full: " if e.errno in _NO_SPACE else ""
+        _error(prog, f"{where}{full}{e.strerror or e}")
+        return 1
+    except MemoryError:
+        _error(prog, "out of memory")
         return 1
     except KeyboardInterrupt:
         _error(prog, "interrupted; no output file was left half-written")
         return 130
+    except Exception:  # a bug: keep the traceback, and say so
+        traceback.print_exc()
+        _error(prog, "internal error (the traceback above); this is a bug in resflows, please report it with "
+                     "the command you ran")
+        return EXIT_BUG
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -20,9 +20,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 if __package__:  # imported as preprocessing.convert_to_pth (tests, python -m)
-    from ._common import InputError, human_bytes, npy_nhwc_to_pth, run_cli
+    from ._common import InputError, OneLineArgumentParser, human_bytes, npy_nhwc_to_pth, run_cli
 else:  # run as a script: python preprocessing/convert_to_pth.py
-    from _common import InputError, human_bytes, npy_nhwc_to_pth, run_cli
+    from _common import InputError, OneLineArgumentParser, human_bytes, npy_nhwc_to_pth, run_cli
 
 PROG = "convert_to_pth.py"
 
@@ -61,7 +61,7 @@ def output_path(path: str, out_dir: Optional[str]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert NHWC uint8 .npy image arrays to NCHW uint8 .pth tensors (FILE.npy -> FILE.pth).",
         epilog="Example: %(prog)s --max-value 31 data/celebahq64_5bit/celeba_full_64x64_5bit.npy")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,11 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.create_imagenet_benchmark_datasets (tests, python -m)
-    from ._common import (CHUNK_BYTES, InputError, atomic_output, flush_memmap, human_bytes, npy_nhwc_to_pth,
-                          open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
+                          check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
+                          save_nchw_pth, temp_path)
 else:  # run as a script: python preprocessing/create_imagenet_benchmark_datasets.py
-    from _common import (CHUNK_BYTES, InputError, atomic_output, flush_memmap, human_bytes, npy_nhwc_to_pth,
-                         open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
+                         check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
+                         save_nchw_pth, temp_path)
 
 PROG = "create_imagenet_benchmark_datasets.py"
 RESOLUTIONS = (32, 64)
@@ -52,16 +55,23 @@ def read_rgb(path: str, size: int) -> np.ndarray:
     """The ``size`` x ``size`` RGB image at ``path`` as a uint8 ``[H, W, 3]`` array.
 
     Anything else (another size, a grey-scale or RGBA image, an unreadable file) raises :class:`InputError`
-    naming the file: converting silently would change the benchmark.
+    naming the file: converting silently would change the benchmark. So does a header claiming a huge image
+    (Pillow's decompression-bomb guard), before any pixel is decoded.
     """
     try:
-        with Image.open(path) as im:
-            if im.size != (size, size) or im.mode != "RGB":
-                raise InputError(f"{path}: image is {im.size[0]}x{im.size[1]} {im.mode}; "
-                                 f"expected {size}x{size} RGB")
-            return np.asarray(im)
+        with warnings.catch_warnings():
+            # Pillow only warns (several lines) for images between its limit and twice that: make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.size != (size, size) or im.mode != "RGB":
+                    raise InputError(f"{path}: image is {im.size[0]}x{im.size[1]} {im.mode}; "
+                                     f"expected {size}x{size} RGB")
+                return np.asarray(im)
     except InputError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{path}: header claims a huge image, refused as a possible decompression bomb ({e}); "
+                         f"expected {size}x{size} RGB") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image file that Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's ways of saying "not a valid image"
@@ -87,9 +97,13 @@ def build_split(files: Sequence[str], out_dir: str, split: str, size: int,
     """
     n, name = len(files), f"{split}_{size}x{size}"
     npy_path, pth_path = os.path.join(out_dir, name + ".npy"), os.path.join(out_dir, name + ".pth")
+    nbytes = n * size * size * 3
+    # At the peak: the .npy (if written), a temporary NCHW copy and the .pth.
+    check_free_space(out_dir, (3 if write_npy else 2) * nbytes + PTH_OVERHEAD,
+                     f"building {name} ({n} images: {'the .npy, ' if write_npy else ''}a temporary copy and the .pth)")
     if write_npy:
         with atomic_output(npy_path) as tmp:
-            nhwc = open_memmap(tmp, (n, size, size, 3))
+            nhwc = open_memmap(tmp, (n, size, size, 3), f"writing {name}.npy")
             try:
                 decode_into(files, nhwc, size, nchw=False, desc=f"{name}: decode PNGs")
                 flush_memmap(nhwc)
@@ -100,7 +114,7 @@ def build_split(files: Sequence[str], out_dir: str, split: str, size: int,
         return npy_path, pth_path
     # Without the .npy, decode straight into NCHW order: one temporary file instead of two.
     with temp_path(out_dir, name + ".pth", ".nchw.npy") as tmp:
-        nchw = open_memmap(tmp, (n, 3, size, size))
+        nchw = open_memmap(tmp, (n, 3, size, size), f"the temporary NCHW copy for {name}.pth")
         try:
             decode_into(files, nchw, size, nchw=True, desc=f"{name}: decode PNGs")
             nchw.flush()
@@ -111,7 +125,7 @@ def build_split(files: Sequence[str], out_dir: str, split: str, size: int,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build imagenet32/imagenet64 .npy (NHWC) and .pth (NCHW) files from downsampled-ImageNet PNGs.",
         epilog="Example: %(prog)s --resolution 32   # reads data/imagenet32/{train,valid}_32x32/*.png\n"

@@ -33,11 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.extract_celeba_from_tfrecords (tests, python -m)
-    from ._common import (CHUNK_BYTES, InputError, format_list, human_bytes, open_memmap, release_pages, run_cli,
-                          save_nchw_pth, temp_path)
+    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
+                          format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
 else:  # run as a script: python preprocessing/extract_celeba_from_tfrecords.py
-    from _common import (CHUNK_BYTES, InputError, format_list, human_bytes, open_memmap, release_pages, run_cli,
-                         save_nchw_pth, temp_path)
+    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
+                         format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
 
 PROG = "extract_celeba_from_tfrecords.py"
 SPLITS = ("train", "validation")
@@ -252,8 +252,10 @@ def extract_split(shards: Sequence[str], out_path: str, desc: str = "") -> int:
         raise InputError(f"{os.path.dirname(shards[0])}: the {len(shards)} shard files hold no records")
     h, w, c = IMAGE_SHAPE
     folder, base = os.path.split(os.path.abspath(out_path))
+    check_free_space(folder, 2 * n * h * w * c + PTH_OVERHEAD,
+                     f"writing {base} ({n} images: a temporary copy, then the .pth)")
     with temp_path(folder, base, ".nchw.npy") as tmp:
-        out = open_memmap(tmp, (n, c, h, w))
+        out = open_memmap(tmp, (n, c, h, w), f"the temporary copy of the {n} images for {base}")
         try:
             i, step = 0, max(1, CHUNK_BYTES // out[0].nbytes)
             with tqdm(total=n, desc=f"{desc}: extract images", unit="img", dynamic_ncols=True) as bar:
@@ -277,7 +279,7 @@ def extract_split(shards: Sequence[str], out_path: str, desc: str = "") -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Extract CelebA-HQ 256x256 from Glow's TFRecords (celeba-tfr) into "
                     "<dataroot>/celebahq/celeba256_{train,validation}.pth, without TensorFlow.",

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .checks import check_bpd_args
+
 Tensor = torch.Tensor
 
 __all__ = ["standard_normal_logprob", "padding_logprob", "bits_per_dim"]
@@ -35,9 +37,10 @@ def bits_per_dim(z: Tensor, logdet: Tensor, image_shape: Sequence[int], nvals: i
 
     ``log p(x) = log N(z) + beta * logdet - D log(nvals) - log p(u)`` with ``D = H W (C + padding)``: the
     flow's density of the dequantised input, the change of variables to [0, 1] pixels (``-D log nvals``),
-    and the padding noise. ``image_shape`` is (C, H, W) of the image without padding channels.
+    and the padding noise. ``image_shape`` is (C, H, W) of the image without padding channels. Arguments
+    that do not fit together (z's size against ``image_shape``, logdet's batch) raise ``ValueError``.
     """
-    c, h, w = image_shape
+    c, h, w = check_bpd_args(z, logdet, image_shape, nvals, padding, logpu)
     logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
     logpx = logpz + beta * logdet - h * w * (c + padding) * math.log(nvals)
     if logpu is not None:

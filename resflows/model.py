@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .checks import check_images, check_latent
 from .config import ConfigError, ModelConfig
 from .layers import (
     ActNorm1d,
@@ -350,6 +351,9 @@ class ResidualFlow(nn.Module):
             c, h, w = c * 4, h // 2, w // 2
         self.model_input_size: Size = (c, h, w)
         self.channels_last = True
+        # Public entry points check that x (or z) is finite and x in [0, 1]: a min/max, i.e. a device
+        # synchronisation on GPUs. The trainer turns this off (its data pipeline yields valid images).
+        self.check_values = True
         possible = n_scales(h, w)
         if len(config.nblocks) > possible:
             raise ConfigError(
@@ -416,6 +420,7 @@ class ResidualFlow(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _run(self, x: Tensor, with_logdet: bool, classify: bool):
+        check_images(self, x)
         x = self._layout(x)
         if self.config.squeeze_first:
             x = squeeze(x, 2)
@@ -484,6 +489,7 @@ class ResidualFlow(nn.Module):
 
     def inverse(self, z: Tensor) -> Tensor:
         """``x = f^{-1}(z)`` by fixed-point iteration in every residual block."""
+        check_latent(self, z)
         zs = [self._layout(p) for p in self._split_z(z)]
         x = self.transforms[-1].invert(zs[-1])
         for idx in range(self.n_scale - 2, -1, -1):

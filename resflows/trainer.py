@@ -265,6 +265,7 @@ class Trainer:
         self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
         self.device = dist_info.device
         self.model = model.to(self.device)
+        self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
         spec = get_spec(cfg.data)
         self.image_shape = (spec.im_dim, image_size(cfg), image_size(cfg))
         self.nvals = nvals_of(cfg)
