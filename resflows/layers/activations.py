@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused import lipswish
+
 Tensor = torch.Tensor
 
 __all__ = [
@@ -30,7 +32,7 @@ class LipSwish(nn.Module):
         self.beta = nn.Parameter(torch.tensor([0.5]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x * F.softplus(self.beta)) / 1.1
+        return lipswish(x, self.beta)  # same formula; hand-written derivatives (resflows/layers/fused.py)
 
 
 Swish = LipSwish  # the paper's name for it (`--act swish`)
