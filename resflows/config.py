@@ -254,6 +254,7 @@ class TrainConfig:
     nrow: Optional[int] = None
     device: str = "auto"
     compile: bool = False
+    inverse: str = "fixed-point"  # sampling: the paper's fixed-point iteration, or "anderson" (fewer evaluations)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
