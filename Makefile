@@ -12,7 +12,7 @@ DEMO_SAVE ?= experiments/demo_digits
 DEMO_FLAGS = --data digits --nblocks 3-3 --idim 64 --fc-idim 128 --batchsize 64 --nepochs 60 \
              --warmup-iters 200 --print-freq 100 --vis-freq 500 --seed 0 --nworkers 0
 
-.PHONY: setup test test-slow test-all demo bench clean-venv
+.PHONY: setup test test-slow test-all demo bench gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py --preset make
 	$(PY) benchmarks/bench_eval.py --preset make
+
+# On a CUDA machine: CUDA-vs-CPU tests, NCCL, TF32 default, GPU benchmarks -> benchmarks/results/gpu.json.
+# Without CUDA: says so, checks that the CUDA tests skip cleanly, exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

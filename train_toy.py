@@ -22,6 +22,7 @@ from resflows.config import ConfigError
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.cli import prepare_save_dir
 from resflows.toy.cli import parse_args
+from resflows.toy.train import prepare_runtime
 from resflows.trainer import TrainingError, setup_logger, stop_on_signals
 
 PROG = "train_toy.py"
@@ -44,8 +45,7 @@ def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
     log = setup_logger(save_dir, is_main=True)
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     torch.manual_seed(cfg.seed)  # initial weights, power-iteration vectors, probes and series lengths
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
+    prepare_runtime(device)
     model = build_toy_model(cfg)
     log.info("config: %s", cfg.to_dict())
     log.info("model: %s, %d blocks, %d parameters, device %s", cfg.arch, cfg.nblocks,

@@ -178,6 +178,9 @@ def build_parser(prog: str = "train_img.py") -> argparse.ArgumentParser:
     a("--nrow", type=_optional_int, default=d.nrow, help="images per row of the sample grid")
     a("--device", type=str, default=d.device, help="auto, cpu, cuda or cuda:N")
     a("--tf32", type=_bool, default=d.tf32, help="allow TF32 convolutions and matmuls on GPUs (default: full float32, as the paper)")
+    a("--inverse", choices=["fixed-point", "anderson"], default=d.inverse,
+      help="how samples and reconstructions invert each residual block: the paper's fixed-point iteration, or "
+           "Anderson acceleration (same stopping rule, fewer network evaluations)")
     return p
 
 
@@ -205,7 +208,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
 
 
 # Flags that describe this machine or this invocation: always taken from the command line on --resume.
-RUN_FLAGS = ("resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow", "max_iters", "save")
+RUN_FLAGS = ("resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow", "max_iters", "save",
+             "inverse")
 
 
 def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], checkpoint_path: str) -> TrainConfig:

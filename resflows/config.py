@@ -295,6 +295,7 @@ class TrainConfig:
     device: str = "auto"
     tf32: bool = False  # ours: TF32 convolutions / matmuls on GPUs that have them (the paper ran full float32)
     compile: bool = False
+    inverse: str = "fixed-point"  # sampling: the paper's fixed-point iteration, or "anderson" (fewer evaluations)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

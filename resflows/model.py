@@ -500,6 +500,13 @@ class ResidualFlow(nn.Module):
             x = unsqueeze(x, 2)
         return x
 
+    def set_inverse_method(self, method: str) -> None:
+        """``'fixed-point'`` (the paper's iteration) or ``'anderson'`` in every residual block's inverse."""
+        if method not in ("fixed-point", "anderson"):
+            raise ValueError(f"inverse method must be 'fixed-point' or 'anderson', got {method!r}")
+        for block in self.iresblocks():
+            block.inverse_method = method
+
     # -- maintenance ------------------------------------------------------------------------
     def update_lipschitz(self, n_iterations: Optional[int] = None, atol: Optional[float] = None,
                          rtol: Optional[float] = None, max_iterations: int = 200) -> int:

@@ -672,6 +672,7 @@ class Trainer:
             self._vis_batch = (x[:8].to(self.device), torch.randn(8, model.latent_dim, generator=g).to(self.device))
         x, z_fixed = self._vis_batch
         c = self.image_shape[0]
+        model.set_inverse_method(self.cfg.inverse)
         samples = model.inverse(z_fixed)[:, :c]
         recon = model.inverse(model.transform(x))[:, :c]
         grid = torch.cat([x[:, :c], samples, recon]).clamp(0, 1).cpu()
@@ -690,6 +691,7 @@ class Trainer:
         from torchvision.utils import save_image
 
         model = self.eval_model()
+        model.set_inverse_method(self.cfg.inverse)
         path = None
         if self.dist.is_main:
             c = self.image_shape[0]

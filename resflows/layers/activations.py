@@ -36,6 +36,7 @@ __all__ = [
     "CLIPSWISH_SCALE",
     "SLOPES",
     "lipswish_dual",
+    "lipswish",
     "clipswish_value_and_slope",
 ]
 
@@ -50,7 +51,7 @@ class LipSwish(nn.Module):
         self.beta = nn.Parameter(torch.tensor([0.5]))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _lipswish(x, F.softplus(self.beta))[0]
+        return lipswish(x, self.beta)  # fused first and second derivatives when a graph is recorded (below)
 
 
 def _lipswish(x: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -68,6 +69,11 @@ def _sigmoid_slope(s: Tensor) -> Tensor:
 def _lipswish_slope(s: Tensor, bx: Tensor) -> Tensor:
     """f'(x) = (s + b x s (1 - s)) / 1.1."""
     return torch.addcmul(s, bx, _sigmoid_slope(s)) / LIPSWISH_SCALE
+
+
+def _lipswish_curvature(s: Tensor, bx: Tensor) -> Tensor:
+    """r = s (1 - s) (2 + b x (1 - 2 s)) / 1.1, so that f''(x) = b r and d f'(x) / d b = x r."""
+    return _sigmoid_slope(s) * (2 + bx * (1 - 2 * s)) / LIPSWISH_SCALE
 
 
 def _lipswish_value_and_slope(m: "LipSwish", x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -93,8 +99,7 @@ class _LipSwishDual(torch.autograd.Function):
         bx = x * b
         s = torch.sigmoid(bx)  # as in _lipswish, without recomputing the value
         q = _sigmoid_slope(s)
-        # f''(x) = b r and df'/db = x r with r = q (2 + b x (1 - 2 s)) / 1.1;  df/db = x^2 q / 1.1
-        r = q * (2 + bx * (1 - 2 * s)) / LIPSWISH_SCALE
+        r = _lipswish_curvature(s, bx)  # f''(x) = b r, df'/db = x r;  df/db = x^2 q / 1.1
         d = _lipswish_slope(s, bx)
         gt = gdt * t
         grad_x = torch.addcmul(gy * d, gt, r, value=float(b))
@@ -107,6 +112,82 @@ class _LipSwishDual(torch.autograd.Function):
 def lipswish_dual(m: "LipSwish", x: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
     """``(f(x), f'(x) t)`` for a LipSwish module, differentiable w.r.t. ``x``, ``t`` and ``beta``."""
     return _LipSwishDual.apply(x, t, m.beta)
+
+
+# -- The autograd route: LipSwish whose backward uses the slopes above, computed once in the forward pass --
+# Where a branch runs through autograd (the toy trainer's backpropagation through the power series,
+# --neumann-grad False, exact Jacobians), each series term w^T J is a create_graph backward of the branch
+# and the loss differentiates those products again. Through the generic element-wise ops each LipSwish
+# costs ~20 small kernels per term (benchmarks/README.md); here a term's product is one multiplication and
+# the second-order backward one fused pass. Higher derivatives still work (plain torch ops throughout).
+def _will_run(ctx, i: int) -> bool:
+    """Whether this backward needs the gradient of input ``i``: ``needs_input_grad`` is fixed at the forward
+    pass, but a series term ``autograd.grad(g, x, w)`` needs only d/dx. Asks the engine whether the input's
+    node will run (non-leaf inputs only); assume it does where torch cannot say."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _LipSwishSlopes(torch.autograd.Function):
+    """(x, b) -> (df/dx, df/db) element-wise; the backward holds the closed-form second derivatives."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Tensor):
+        ctx.set_materialize_grads(False)  # a slope nobody used arrives as None: skip its terms
+        _, s, bx = _lipswish(x, b)
+        ctx.save_for_backward(x, b)
+        return _lipswish_slope(s, bx), x * x * _sigmoid_slope(s) / LIPSWISH_SCALE
+
+    @staticmethod
+    def backward(ctx, gd: Tensor, ge: Tensor):
+        # d2f/dx2 = b r, d2f/dx db = x r, d2f/db2 = x^3 q (1 - 2 s) / 1.1 (not in place: differentiable again).
+        x, b = ctx.saved_tensors
+        bx = x * b
+        s = torch.sigmoid(bx)
+        r = _lipswish_curvature(s, bx)
+        grad_x = grad_b = None
+        if gd is not None:
+            grad_x = gd * b * r
+            grad_b = (gd * x * r).sum()
+        if ge is not None:
+            xr = x * r
+            grad_x = ge * xr if grad_x is None else grad_x + ge * xr
+            gb = (ge * x * x * x * _sigmoid_slope(s) * (1 - 2 * s)).sum() / LIPSWISH_SCALE
+            grad_b = gb if grad_b is None else grad_b + gb
+        if grad_b is not None:
+            grad_b = grad_b.reshape(b.shape)
+        return grad_x, grad_b
+
+
+class _LipSwishValue(torch.autograd.Function):
+    """f(x) whose backward multiplies by the slopes (d, e) computed beforehand with their graph, so a
+    create_graph backward is differentiable through ``_LipSwishSlopes``. The slopes come as a plain tuple,
+    not tensor inputs: as inputs, autograd would run their backward (with zeros) in every first-order product."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Tensor, slopes):
+        ctx.slopes, ctx.b_shape = slopes, b.shape
+        return _lipswish(x, b)[0]
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        d, e = ctx.slopes
+        grad_x = gy * d if ctx.needs_input_grad[0] else None
+        grad_b = (gy * e).sum().reshape(ctx.b_shape) if _will_run(ctx, 1) else None
+        return grad_x, grad_b, None
+
+
+def lipswish(x: Tensor, beta: Tensor) -> Tensor:
+    """LipSwish ``x * sigmoid(x * softplus(beta)) / 1.1``; fused derivatives when a graph is recorded."""
+    b = F.softplus(beta)
+    if torch.is_grad_enabled() and (x.requires_grad or b.requires_grad):
+        return _LipSwishValue.apply(x, b, _LipSwishSlopes.apply(x, b))
+    return _lipswish(x, b)[0]
 
 
 Swish = LipSwish  # the paper's name for it (`--act swish`)

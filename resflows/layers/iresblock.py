@@ -225,7 +225,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         n_dist: ``'poisson'`` or ``'geometric'``.
         neumann_grad: Neumann-series gradient estimator in training.
         grad_in_forward: memory-efficient log-det gradients (``--mem-eff``).
-        inverse_atol, inverse_rtol, inverse_max_iters: stopping rule of the fixed-point inverse.
+        inverse_atol, inverse_rtol, inverse_max_iters: stopping rule of the fixed-point inverse (the attribute
+            ``inverse_method``, 'fixed-point' or 'anderson', picks the iteration).
         eval_exact_terms: exact terms used in evaluation (20 in the paper).
     """
 
@@ -265,6 +266,7 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         self.neumann_grad = neumann_grad
         self.grad_in_forward = grad_in_forward
         self.inverse_atol, self.inverse_rtol, self.inverse_max_iters = inverse_atol, inverse_rtol, inverse_max_iters
+        self.inverse_method = "fixed-point"  # or "anderson" (resflows/layers/anderson.py)
         self.eval_exact_terms = eval_exact_terms
         # Draws of N come from this torch generator (CPU: the series length is needed on the host
         # anyway, so no device synchronisation); None means torch's default CPU generator, which
@@ -412,8 +414,17 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
 
     @torch.no_grad()
     def invert(self, y: Tensor) -> Tensor:
-        """Fixed-point inverse x <- y - g(x) from x0 = y - g(y) (Behrmann et al. 2019, Alg. 1)."""
+        """Fixed-point inverse x <- y - g(x) from x0 = y - g(y) (Behrmann et al. 2019, Alg. 1), or its Anderson
+        acceleration when ``inverse_method == 'anderson'`` (same stopping rule, fewer evaluations of g)."""
         tol = self.inverse_atol + y.abs() * self.inverse_rtol
+        if self.inverse_method == "anderson":
+            from .anderson import anderson_fixed_point
+
+            x, self.last_inverse_iters, ok = anderson_fixed_point(lambda x: y - self.nnet(x), y, tol, self.inverse_max_iters)
+            if not ok:
+                warnings.warn(f"iResBlock Anderson inverse did not converge in {self.inverse_max_iters} evaluations; "
+                              f"the sample may be inaccurate", InverseNotConvergedWarning, stacklevel=2)
+            return x
         x_prev, x = y, y - self.nnet(y)
         it = 1
         while not torch.all((x - x_prev) ** 2 / tol < 1):

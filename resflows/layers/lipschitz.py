@@ -556,8 +556,9 @@ def update_lipschitz(
         raise ValueError("update_lipschitz needs n_iterations or a tolerance (atol/rtol)")
     used = 0
     if n_iterations is not None:
+        rest = _batched_power_steps(iterative, n_iterations)
         for _ in range(n_iterations):
-            for m in iterative:
+            for m in rest:
                 m.power_step()
         used = n_iterations
     elif iterative:
@@ -572,6 +573,54 @@ def update_lipschitz(
                 active = [m for m, d in zip(active, done) if not d]
                 if not active:
                     break
-    for m in layers:
-        m.refresh_scale()
+    _refresh_scales(layers)
     return used
+
+
+def _batchable(m: _LipschitzMap) -> bool:
+    # 2 -> 2 power method on a plain matrix (linear layers, 1x1 convolutions): one bmm for a whole group.
+    if not isinstance(m, _InducedNorm) or m.learnable_orders or (m.domain, m.codomain) != (2.0, 2.0):
+        return False
+    return isinstance(m, InducedNormLinear) or (isinstance(m, InducedNormConv2d) and m.is_1x1)
+
+
+def _groups(layers: Sequence[_LipschitzMap]):
+    """Batchable layers grouped by weight shape, dtype and device (groups of one are left alone)."""
+    groups: dict = {}
+    for m in layers:
+        if _batchable(m):
+            groups.setdefault((tuple(m.weight.shape), m.weight.dtype, m.weight.device), []).append(m)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+@torch.no_grad()
+def _batched_power_steps(layers: Sequence[_InducedNorm], n: int) -> List[_InducedNorm]:
+    """``n`` plain 2-norm power steps on every group of same-shaped layers at once (the toy model has 500
+    such layers: one small kernel per layer and step cost more than the arithmetic). Same steps as
+    ``power_step``; returns the layers left for it."""
+    groups = _groups(layers)
+    done = {id(m) for g in groups for m in g}
+    for g in groups:
+        w = torch.stack([m.weight.detach().reshape(m.weight.shape[0], -1) for m in g])
+        u, v = torch.stack([m.u for m in g]), torch.stack([m.v for m in g])
+        for _ in range(n):
+            u = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), p=2, dim=1)
+            v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), p=2, dim=1)
+        torch._foreach_copy_([m.u for m in g], list(u.unbind(0)))
+        torch._foreach_copy_([m.v for m in g], list(v.unbind(0)))
+    return [m for m in layers if id(m) not in done]
+
+
+@torch.no_grad()
+def _refresh_scales(layers: Sequence[_LipschitzMap]) -> None:
+    """``refresh_scale`` of every layer, batched over groups of same-shaped 2-norm layers."""
+    groups = _groups(layers)
+    done = {id(m) for g in groups for m in g}
+    for g in groups:
+        w = torch.stack([m.weight.detach().reshape(m.weight.shape[0], -1) for m in g])
+        u, v = torch.stack([m.u for m in g]), torch.stack([m.v for m in g])
+        sigma = (u * torch.bmm(w, v.unsqueeze(2)).squeeze(2)).sum(1)
+        torch._foreach_copy_([m.scale for m in g], list(sigma.unbind(0)))
+    for m in layers:
+        if id(m) not in done:
+            m.refresh_scale()

@@ -24,13 +24,22 @@ from .data import data_rng, sample, sample_tensor
 from .model import ToyFlow, build_toy_model
 from .viz import DEFAULT_CHUNK, eval_mode, grid_log_density, log_density, sample_model, save_figure
 
-__all__ = ["ToyTrainer", "TOY_FORMAT", "load_toy_checkpoint", "load_toy_model", "VIZ_DATA_SAMPLES"]
+__all__ = ["ToyTrainer", "prepare_runtime", "TOY_FORMAT", "load_toy_checkpoint", "load_toy_model", "VIZ_DATA_SAMPLES"]
 
 logger = logging.getLogger("resflows")
 
 TOY_FORMAT = "resflows-toy"
 TOY_FORMAT_VERSION = 1
 VIZ_DATA_SAMPLES = 20000  # points in the data histogram (the paper's figure)
+
+
+def prepare_runtime(device: torch.device) -> None:
+    """Process settings for training on ``device``: on CPU, flushed denormals and glibc's allocator kept from
+    returning freed activation buffers (:func:`resflows.runtime.tune_cpu_runtime`, as ``train_img.py``)."""
+    if device.type == "cpu":
+        from ..runtime import tune_cpu_runtime
+
+        tune_cpu_runtime()
 
 
 class ToyTrainer:

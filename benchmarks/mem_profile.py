@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""What is alive at the memory peak of one training step (reference configuration by default).
+
+    python benchmarks/mem_profile.py [--config mnist] [--device cpu]
+
+Builds the model and trainer as bench_train.py does, runs two warm-up steps, then profiles one full step
+(forward, backward, clipping, optimiser step, Lipschitz and EMA updates) with torch.profiler's memory
+timeline, which attributes every live allocation to a category (parameter, optimizer state, input,
+activation, gradient, autograd detail, temporary). Prints the breakdown at the peak and the step's peak RSS;
+writes results/mem_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import MODES, inputs_for, machine, peak_rss_mb, rss_mb, train_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="mnist")
+    p.add_argument("--mode", default="both", choices=sorted(MODES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=os.path.join(HERE, "results", "mem_profile.json"))
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import profile
+
+    from resflows.distributed import DistInfo
+    from resflows.factory import model_config_from
+    from resflows.model import ResidualFlow
+    from resflows.runtime import tune_cpu_runtime
+    from resflows.trainer import EMA, Trainer
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        tune_cpu_runtime()
+    torch.manual_seed(0)
+    cfg = train_config(args.config, seed=0, **MODES[args.mode])
+    model = ResidualFlow(model_config_from(cfg)).to(device)
+    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
+    x = inputs_for(cfg, cfg.batchsize).to(device)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    with torch.no_grad():
+        model.train()
+        model.transform(x)
+    trainer.ema = EMA(model)
+    trainer.wrap()
+
+    def step():
+        trainer.forward_backward(x, y, sync=True, n_accum=1)
+        trainer.optimize(1)
+
+    for _ in range(2):
+        step()
+    base = rss_mb()
+    with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    timeline = MemoryProfileTimeline(prof._memory_profile())
+    times, sizes = timeline._coalesce_timeline(device)
+    totals = [sum(s) for s in sizes]
+    i = max(range(len(totals)), key=totals.__getitem__)
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX
+
+    names = ["unknown"] + [c.name.lower() if c is not None else "unknown" for c in _CATEGORY_TO_INDEX]
+    at_peak = {names[k]: round(v / 2**20, 1) for k, v in enumerate(sizes[i]) if v}
+    out = {"machine": machine(), "config": args.config, "mode": args.mode, "peak_mb": round(totals[i] / 2**20, 1),
+           "at_peak_mb": at_peak, "peak_at_fraction_of_step": round((times[i] - times[0]) / max(times[-1] - times[0], 1), 3),
+           "rss_before_step_mb": round(base, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
