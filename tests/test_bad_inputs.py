@@ -28,9 +28,6 @@ import torch
 
 import train_img
 import train_toy
-from resflows.config import MODEL_RULES, TRAIN_RULES, ModelConfig, TrainConfig
-from resflows.entry import SaveLock
-from resflows.toy.config import TOY_RULES, ToyConfig
 from tests.conftest import REPO
 
 TINY = ["--data", "digits", "--nblocks", "1-1", "--idim", "8", "--fc-idim", "16", "--batchsize", "50",
@@ -138,11 +135,16 @@ def _toy_leftover(tmp, run, monkeypatch):
 
 
 def _locked(folder: str):
+    """Another run holds the folder: its flock on SAVE/.lock, with its PID in the file."""
     def setup(tmp, run, monkeypatch):
+        import fcntl
+
         path = tmp / folder
         path.mkdir(exist_ok=True)
-        lock = SaveLock(str(path)).acquire()
-        return lock.release
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"424242 otherhost\n")
+        return lambda: os.close(fd)
     return setup
 
 
@@ -247,7 +249,7 @@ CASES = [
     Case("toy-leftover-tmp", TOY + ["--save", "{tmp}/toy"], 0, None, unchanged=(), gone=["toy/.tmp-killed.pth"],
          script="toy", setup=_toy_leftover),
     # 8. one run per --save folder
-    Case("save-folder-in-use", R + ["--max-iters", "3"], 1, r"--save .*run is in use by another run \(PID \d+", setup=_locked("run")),
+    Case("save-folder-in-use", R + ["--max-iters", "3"], 1, r"--save .*run is in use by another run \(PID 424242 on otherhost\)", setup=_locked("run")),
     Case("toy-save-folder-in-use", TOY + ["--save", "{tmp}/toy"], 1, r"--save .*toy is in use by another run", script="toy",
          setup=_locked("toy"), unchanged=("toy/*",)),
 ]
@@ -306,9 +308,13 @@ def _check_case(case: Case, main, argv, tmp_path, before, capsys):
 
 
 # -- the rules cover every flag ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls, rules", [(TrainConfig, TRAIN_RULES), (ModelConfig, MODEL_RULES), (ToyConfig, TOY_RULES)])
-def test_every_numeric_field_has_a_range(cls, rules):
+@pytest.mark.parametrize("which", ["train", "model", "toy"])
+def test_every_numeric_field_has_a_range(which):
     """A new numeric flag needs a rule in the table next to its config (or it would go unchecked)."""
+    from resflows.config import MODEL_RULES, TRAIN_RULES, ModelConfig, TrainConfig
+    from resflows.toy.config import TOY_RULES, ToyConfig
+
+    cls, rules = {"train": (TrainConfig, TRAIN_RULES), "model": (ModelConfig, MODEL_RULES), "toy": (ToyConfig, TOY_RULES)}[which]
     exempt = {"vnorms"}  # orders 1..9 or infinity, checked by parse_vnorms
     hints = typing.get_type_hints(cls)
     numeric = []
@@ -322,6 +328,8 @@ def test_every_numeric_field_has_a_range(cls, rules):
 
 # -- the lock ------------------------------------------------------------------------------------------------------
 def test_lock_released_on_exit_and_after_errors(tmp_path):
+    from resflows.entry import SaveLock
+
     save = tmp_path / "run"
     assert train_img.main(TINY + ["--max-iters", "1", "--save", str(save)]) == 0
     with pytest.raises(SystemExit):
@@ -331,6 +339,8 @@ def test_lock_released_on_exit_and_after_errors(tmp_path):
 
 def test_lock_of_a_killed_run_is_not_held(tmp_path):
     """SIGKILL gives no chance to clean up: the kernel drops the flock, so the folder is usable at once."""
+    from resflows.entry import SaveLock
+
     code = ("import sys, time; from resflows.entry import SaveLock; SaveLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -350,6 +360,7 @@ def test_lock_of_a_killed_run_is_not_held(tmp_path):
 
 # -- tracebacks only for bugs --------------------------------------------------------------------------------------
 def test_internal_error_prints_traceback_and_asks_for_a_report(tmp_path, monkeypatch, capsys):
+    from resflows.entry import SaveLock
     from resflows.trainer import Trainer
 
     def broken(self):
