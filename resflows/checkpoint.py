@@ -241,6 +241,11 @@ def _validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
         v = ckpt.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise CheckpointError(f"{path}: damaged checkpoint (its {key} counter is {v!r}, not a non-negative integer)")
+    best = ckpt.get("best") or []
+    if not isinstance(best, (list, tuple)) or not all(
+            isinstance(b, (list, tuple)) and len(b) == 3 and isinstance(b[0], (int, float)) and isinstance(b[1], int)
+            and isinstance(b[2], str) for b in best):
+        raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints is malformed)")
     for key in ("model", "ema"):
         sd = ckpt.get(key)
         if sd is None and key == "ema":

@@ -24,6 +24,7 @@ __all__ = ["run_entry_point", "describe_error", "SaveLock", "remove_leftovers"]
 logger = logging.getLogger("resflows")
 
 EXIT_USER_ERROR = 1
+_OOM = getattr(torch, "OutOfMemoryError", MemoryError)  # torch >= 2.5; CUDA allocations
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
 
@@ -34,11 +35,11 @@ def _user_errors() -> tuple:
     from .trainer import TrainingError
 
     # DataNotFoundError is a FileNotFoundError, hence an OSError.
-    return (ConfigError, CheckpointError, TrainingError, OSError, MemoryError, torch.OutOfMemoryError)
+    return (ConfigError, CheckpointError, TrainingError, OSError, MemoryError, _OOM)
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+    return isinstance(e, (MemoryError, _OOM)) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 

@@ -238,6 +238,8 @@ CASES = [
          setup=_edit_checkpoint("c.pth", lambda c: c.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}))),
     Case("ckpt-bad-counter", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"its epoch counter is 'x'",
          setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch="x"))),
+    Case("ckpt-bad-best-list", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1,
+         r"list of best checkpoints is malformed", setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[["x"]]))),
     # 6. leftovers, finished runs, non-finite sampling
     Case("leftovers-cleaned", R + ["--max-iters", "3"], 0, None, unchanged=(),
          gone=["run/models/checkpt-0099.pth", "run/models/.tmp-killed.pth"], setup=_leftovers),
