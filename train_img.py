@@ -11,7 +11,7 @@ parses flags, builds through factories and hands over to resflows.trainer.Traine
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import random
@@ -20,11 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from resflows.checkpoint import CheckpointError, read_checkpoint
+from resflows.checkpoint import check_weights_fit, read_checkpoint, write_json
 from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
 from resflows.config import ConfigError, ModelConfig
-from resflows.datasets import DataNotFoundError
 from resflows.distributed import cleanup_distributed, setup_distributed
+from resflows.entry import SaveLock, remove_leftovers, run_entry_point
 from resflows.factory import model_config_from
 from resflows.model import ResidualFlow
 from resflows.runtime import tune_cpu_runtime
@@ -36,6 +36,11 @@ PROG = "train_img.py"
 def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trainer], None]] = None) -> int:
     """Parse, build, hand over to the Trainer. ``hook(stage, trainer)`` is called with stage 'ready'
     (before training) and 'done' (after), for tests and tooling."""
+    with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
+        return _run(argv, hook, held)
+
+
+def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], None]], held: contextlib.ExitStack) -> int:
     cfg, explicit = parse_args(argv, PROG)
     dist = setup_distributed(cfg.device)
     if cfg.batchsize % dist.world_size:
@@ -46,6 +51,8 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     if cfg.resume:
         ckpt = read_checkpoint(cfg.resume, map_location="cpu")
         cfg = merge_resume_config(ckpt["config"], cfg, explicit, cfg.resume)
+        if model_config_from(cfg).architecture() != ModelConfig.from_dict(ckpt["model_config"]).architecture():
+            check_weights_fit(cfg.resume, ckpt, model_config_from(cfg))  # before allocating the model
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(2**31)
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
@@ -56,7 +63,12 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
     save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
+    training = not (cfg.evaluate or cfg.sample)
+    if training and dist.is_main:  # evaluating or sampling never touches models/: no lock needed
+        held.enter_context(SaveLock(save_dir))
     log = setup_logger(save_dir, dist.is_main)
+    if training and dist.is_main:
+        remove_leftovers([os.path.join(save_dir, "models")])
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     log.info("seed %d, device %s, %d rank(s)", cfg.seed, dist.device, dist.world_size)
     if cfg.data == "celebahq" and cfg.nbits < 8 and cfg.dequant == "exact":
@@ -79,6 +91,9 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
         if cfg.evaluate:
             trainer.build_data(train=False)
             res = trainer.validate(trainer.eval_model(), tight=True)
+            if not all(math.isfinite(v) for v in res.values() if isinstance(v, float)):
+                raise TrainingError(f"evaluating {cfg.resume} gave non-finite results ({', '.join(f'{k} {v}' for k, v in res.items())}); "
+                                    f"its weights are unstable: evaluate an earlier checkpoint")
             if dist.is_main and "test_bpd" in res:
                 print(f"test bits/dim: {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f} ({res['n_images']} images)")
             if dist.is_main and "test_acc" in res:
@@ -86,8 +101,7 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
             if dist.is_main:
                 out = {**res, "checkpoint": os.path.abspath(cfg.resume), "ema": bool(cfg.ema_val and ckpt.get("ema") is not None),
                        "seed": cfg.seed, "dequant": cfg.dequant}
-                with open(os.path.join(save_dir, "eval.json"), "w") as f:
-                    json.dump(out, f, indent=2)
+                write_json(os.path.join(save_dir, "eval.json"), out)
                 print(f"wrote {os.path.join(save_dir, 'eval.json')}")
         return 0
 
@@ -95,6 +109,14 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     if ckpt is not None:
         trainer.restore(ckpt, cfg.resume)
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, trainer.epoch, trainer.step)
+        if dist.is_main and ckpt.get("format") == "resflows" and _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models")):
+            # Only the checkpoints the resumed state lists as its best belong to this run (a run killed between
+            # writing a new best and deleting the one it displaced leaves one too many).
+            remove_leftovers([os.path.join(save_dir, "models")], [b[2] for b in trainer.best])
+        done = trainer.finished()
+        if done:
+            print(f"{PROG}: {cfg.resume} {done}; nothing to do (raise --max-iters or --nepochs to train on)")
+            return 0
     else:
         trainer.initialize()
     trainer.wrap()
@@ -114,12 +136,17 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _same_folder(a: str, b: str) -> bool:
     try:
-        return run(argv)
-    except (ConfigError, DataNotFoundError, CheckpointError, TrainingError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return os.path.samefile(a or ".", b)
+    except OSError:
+        return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: exit 0, or one line on stderr for a user error (a traceback only for a bug)."""
+    try:
+        return run_entry_point(PROG, lambda: run(argv))
     finally:
         cleanup_distributed()
 

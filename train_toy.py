@@ -11,19 +11,19 @@ the model through resflows.toy and hands over to resflows.toy.ToyTrainer.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 from typing import Optional, Sequence
 
 import torch
 
-from resflows.checkpoint import CheckpointError
-from resflows.config import ConfigError
-from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.cli import prepare_save_dir
+from resflows.config import ConfigError
+from resflows.entry import SaveLock, remove_leftovers, run_entry_point
+from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.toy.cli import parse_args
 from resflows.toy.train import prepare_runtime
-from resflows.trainer import TrainingError, setup_logger, stop_on_signals
+from resflows.trainer import setup_logger, stop_on_signals
 
 PROG = "train_toy.py"
 
@@ -39,10 +39,17 @@ def pick_device(gpu: int) -> torch.device:
 
 def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
     """Parse, build, train; returns the trainer (for tests and tooling)."""
+    with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
+        return _run(argv, held)
+
+
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTrainer:
     cfg: ToyConfig = parse_args(argv, PROG)
     device = pick_device(cfg.gpu)
     save_dir = prepare_save_dir(cfg.save)
+    held.enter_context(SaveLock(save_dir))
     log = setup_logger(save_dir, is_main=True)
+    remove_leftovers([save_dir])
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     torch.manual_seed(cfg.seed)  # initial weights, power-iteration vectors, probes and series lengths
     prepare_runtime(device)
@@ -60,13 +67,14 @@ def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
     return trainer
 
 
+def _trained(trainer: ToyTrainer) -> int:
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: exit 0, or one line on stderr for a user error (a traceback only for a bug)."""
     try:
-        run(argv)
-        return 0
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return run_entry_point(PROG, lambda: _trained(run(argv)))
     finally:
         # Release SAVE/logs (setup_logger attaches a file handler to the shared 'resflows' logger).
         import logging

@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,7 +28,11 @@ from .legacy import NotACheckpointError, load_paper_checkpoint
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "NonFiniteError",
+    "nonfinite_tensors",
+    "check_weights_fit",
     "atomic_save",
+    "write_json",
     "save_checkpoint",
     "read_checkpoint",
     "load_model",
@@ -43,19 +47,82 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+class NonFiniteError(CheckpointError):
+    """Weights (or optimiser state) holding NaN or infinity, which no checkpoint may contain."""
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors anywhere in ``obj`` (nested dicts, lists, tuples) that hold a
+    NaN or an infinity. One host transfer per device, not one per tensor."""
+    found: List[Tuple[str, torch.Tensor]] = []
+
+    def walk(o: Any, name: str) -> None:
+        if isinstance(o, torch.Tensor):
+            if (o.is_floating_point() or o.is_complex()) and o.numel() and not o.is_meta:
+                found.append((name, o))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(obj, prefix)
+    by_device: Dict[torch.device, List[Tuple[str, torch.Tensor]]] = {}
+    for name, t in found:
+        by_device.setdefault(t.device, []).append((name, t))
+    bad: List[str] = []
+    for items in by_device.values():
+        flags = torch.stack([torch.isfinite(t).all() for _, t in items]).cpu().tolist()
+        bad.extend(name for (name, _), ok in zip(items, flags) if not ok)
+    return bad
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place.
+
+    Refuses (:class:`NonFiniteError`) to write any object holding a non-finite floating-point tensor, so
+    no checkpoint ever holds NaN or infinite weights; an OSError (a full disk...) names ``path``. Either
+    way the file already at ``path`` is kept and no temporary file is left behind."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise NonFiniteError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinite values "
+                             f"(first: {bad[0]}); the files already there are kept")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # torch.save's writes do not say which file
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (NaN and infinity refused: they are not JSON), atomically."""
+    import json
+
+    text = json.dumps(obj, indent=2, allow_nan=False)  # ValueError before anything is written
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -114,7 +181,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             if isinstance(obj["config"], dict) and obj["config"].get("imagesize", 0) is None:
                 # Written when a missing --imagesize meant the native size (28 for mnist), now 32: keep its size.
                 obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
-            return obj
+            return _validated(path, obj)
         if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
             raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")
         if obj is not None:
@@ -137,7 +204,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     if paper["ema"] is not None:
         ema = dict(sd)
         ema.update({k: _to(v, map_location) for k, v in paper["ema"].items() if k in ema})
-    return {
+    return _validated(path, {
         "format": "paper",
         "format_version": 0,
         "config": config.to_dict(),
@@ -151,7 +218,84 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         "best_test_bpd": paper["test_bpd"],
         "last_test_bpd": paper["test_bpd"],
         "rng": None,
-    }
+    })
+
+
+_COUNTERS = ("epoch", "batch_in_epoch", "itr", "step", "world_size")
+
+
+def _validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """Check everything a checkpoint feeds into a run before anything is built from it: the stored flags
+    (types and ranges, the same rules as the command line), the counters, that the weights are tensors
+    that are finite and fit the stored architecture. A crafted or damaged file gets one line."""
+    from .cli import validate_config
+
+    for key in ("config", "model_config"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} is a {type(ckpt.get(key)).__name__}, not a dict of settings)")
+    try:
+        config = TrainConfig.from_dict(ckpt["config"])
+        validate_config(config)
+        model_config = ModelConfig.from_dict(ckpt["model_config"])
+    except (ConfigError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: its stored settings are invalid: {e}") from None
+    ckpt = dict(ckpt, config=config.to_dict(), model_config=model_config.to_dict())
+    for key in _COUNTERS:
+        v = ckpt.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key} counter is {v!r}, not a non-negative integer)")
+    best = ckpt.get("best") or []
+    if not isinstance(best, (list, tuple)) or not all(
+            isinstance(b, (list, tuple)) and len(b) == 3 and isinstance(b[0], (int, float)) and isinstance(b[1], int)
+            and isinstance(b[2], str) for b in best):
+        raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints is malformed)")
+    for key in ("model", "ema"):
+        sd = ckpt.get(key)
+        if sd is None and key == "ema":
+            continue
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} weights are not a dict of named tensors)")
+        bad = nonfinite_tensors(sd)
+        if bad:
+            raise NonFiniteError(f"{path}: its {'EMA' if key == 'ema' else key} weights hold NaN or infinite values "
+                                 f"({len(bad)} tensor(s), first: {bad[0]}); use an earlier checkpoint")
+    check_weights_fit(path, ckpt, model_config)
+    return ckpt
+
+
+def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's weights (and EMA) have exactly the keys and
+    shapes of the model ``model_config`` describes. The model is built on the ``meta`` device (no memory,
+    no power iterations), after a count that rejects absurd block numbers before building anything."""
+    from .model import ResidualFlow
+
+    sd = ckpt["model"]
+    blocks = sum(model_config.nblocks) + (model_config.fc_nblocks if model_config.fc_end else 0)
+    if blocks > len(sd):  # every block owns at least one tensor
+        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(sd)} weight tensors; "
+                              f"the file is damaged")
+    try:
+        with torch.device("meta"):
+            reference = ResidualFlow(model_config).state_dict()
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
+    for what, weights in (("model", sd), ("EMA", ckpt.get("ema"))):
+        if weights is None:
+            continue
+        missing = [k for k in reference if k not in weights]
+        unexpected = [k for k in weights if k not in reference]
+        wrong = [k for k in reference if k in weights and tuple(weights[k].shape) != tuple(reference[k].shape)]
+        if missing or unexpected or wrong:
+            detail = []
+            if missing:
+                detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
+            if unexpected:
+                detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+            if wrong:
+                k = wrong[0]
+                detail.append(f"{len(wrong)} of the wrong shape, e.g. {k}: {list(weights[k].shape)} in the file, "
+                              f"{list(reference[k].shape)} in the model")
+            raise CheckpointError(f"{path}: its {what} weights do not fit this architecture ({'; '.join(detail)})")
 
 
 def _to(t: torch.Tensor, map_location: Any) -> torch.Tensor:

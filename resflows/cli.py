@@ -5,13 +5,15 @@ Parsing happens here, once; the rest of the package sees a typed :class:`TrainCo
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from typing import Any, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .config import TrainConfig, parse_bool
 from .datasets import DATASETS
 
-__all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "merge_resume_config", "prepare_save_dir"]
+__all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "merge_resume_config", "prepare_save_dir",
+           "validate_config", "check_device"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -194,7 +196,11 @@ ARCH_FLAGS = (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py") -> Tuple[TrainConfig, Set[str]]:
-    """Parse the command line into a config, and the set of flags given explicitly (by dest name)."""
+    """Parse the command line into a config, and the set of flags given explicitly (by dest name).
+    Every value is checked here (types, ranges, combinations, the device); a bad one exits with status 2
+    and one line."""
+    from .config import ConfigError
+
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     # Which flags did the user type? Parse again with every default replaced by a sentinel.
@@ -204,7 +210,64 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
         if action.dest != "help":
             action.default = sentinel
     explicit = {k for k, v in vars(probe.parse_args(argv)).items() if v is not sentinel}
-    return TrainConfig(**vars(args)), explicit
+    cfg = TrainConfig(**vars(args))
+    try:
+        validate_config(cfg)
+        _check_run_flags(cfg, explicit)
+        check_device(cfg.device)
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg, explicit
+
+
+def _check_run_flags(cfg: TrainConfig, explicit: Set[str]) -> None:
+    from .config import ConfigError
+
+    # Without a positive --sample, --resume would resume *training* in the checkpoint's run folder and
+    # overwrite its checkpoints: a sampling flag must never fall through to that.
+    if "sample" in explicit and cfg.sample == 0:
+        raise ConfigError("--sample 0 writes no samples; give the number of samples to draw, e.g. --sample 64")
+    for flag in ("temp", "nrow"):
+        if flag in explicit and not cfg.sample:
+            raise ConfigError(f"--{flag} only applies when sampling: add --sample N (with --resume CKPT)")
+
+
+@functools.lru_cache(maxsize=None)
+def _choices() -> Dict[str, tuple]:
+    return {a.dest: tuple(a.choices) for a in build_parser()._actions if a.choices is not None}
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """The rules the command line enforces (types, ranges, choices), for any TrainConfig: parsed from
+    flags, or read from a checkpoint. Raises ConfigError with a one-line message naming the flag."""
+    from .config import ConfigError
+
+    cfg.validate()
+    for dest, allowed in _choices().items():
+        v = getattr(cfg, dest, None)
+        if v not in allowed:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be one of {', '.join(map(str, allowed))}; got {v!r}")
+
+
+def check_device(device: str) -> None:
+    """``--device``: auto, cpu, cuda or cuda:N with that GPU present (or mps where available)."""
+    import re
+
+    import torch
+
+    from .config import ConfigError
+
+    m = re.fullmatch(r"(auto|cpu|mps|cuda)(?::(\d+))?", device or "")
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+        index = int(m.group(2) or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if m.group(1) == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
 
 
 # Flags that describe this machine or this invocation: always taken from the command line on --resume.
@@ -235,6 +298,7 @@ def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], check
         folder = os.path.dirname(os.path.abspath(checkpoint_path))
         if os.path.basename(folder) == "models":
             merged.save = os.path.dirname(folder)
+    validate_config(merged)
     arch_saved = model_config_from(base).architecture()
     arch_new = model_config_from(merged).architecture()
     if arch_saved != arch_new:

@@ -3,6 +3,8 @@ parsed here, once; layers and models only see ints, floats and tuples."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -10,6 +12,11 @@ from .layers.activations import ACTIVATION_ALIASES
 
 __all__ = [
     "ConfigError",
+    "Range",
+    "check_fields",
+    "flag_name",
+    "TRAIN_RULES",
+    "MODEL_RULES",
     "ModelConfig",
     "parse_bool",
     "parse_int_tuple",
@@ -22,6 +29,114 @@ INF = float("inf")
 
 class ConfigError(ValueError):
     """A bad flag value or combination; the message names the flag and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# One set of rules for every number a run takes: checked the same way for the flags typed on a command
+# line and for the config stored in a checkpoint (which a crafted or damaged file may fill with anything).
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field: finite, between ``lo`` and ``hi`` (open or closed ends)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  # appended to the message: what the bound protects
+
+    def contains(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a finite number"
+        lo, hi = self.lo, self.hi
+        if math.isinf(lo) and math.isinf(hi):
+            return kind
+        if math.isinf(hi):
+            return f"{kind} {'>' if self.lo_open else '>='} {lo:g}"
+        if math.isinf(lo):
+            return f"{kind} {'<' if self.hi_open else '<='} {hi:g}"
+        return f"{kind} in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(1)  # integers >= 1
+NON_NEGATIVE = Range(0)
+
+
+def flag_name(field_name: str) -> str:
+    """``n_power_series`` -> ``--n-power-series`` (the toy script keeps the paper's underscores in a few flags)."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _check_type(value: Any, hint: Any, flag: str) -> Any:
+    """``value`` as the annotated type (bool, int, float, str, Optional[...], tuples), or ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], flag) if len(inner) == 1 else value
+    if hint is bool:
+        try:
+            return parse_bool(value) if isinstance(value, (bool, str)) else _fail(flag, "True or False", value)
+        except ValueError:
+            _fail(flag, "True or False", value)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(flag, "an integer", value)
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(flag, "a number", value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        _fail(flag, "a string", value)
+    if origin in (tuple, Tuple):
+        if isinstance(value, (tuple, list, str)):
+            return value  # parsed (and its items checked) by the owner's __post_init__
+        _fail(flag, "a list", value)
+    return value
+
+
+def _fail(flag: str, what: str, value: Any):
+    shown = repr(value) if not isinstance(value, (dict, list, tuple)) or len(repr(value)) < 60 else type(value).__name__
+    raise ConfigError(f"{flag} must be {what}, got {shown}")
+
+
+def check_fields(obj: Any, rules: Dict[str, Range], flag=flag_name) -> None:
+    """Check every field of the dataclass ``obj`` against its annotated type (coercing ``1`` -> ``1.0`` for
+    floats, ``"true"`` -> ``True`` for bools) and every numeric field against ``rules``; raises
+    :class:`ConfigError` naming the flag, the allowed values and the value found."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name = flag(f.name)
+        v = _check_type(getattr(obj, f.name), hints.get(f.name, Any), name)
+        object.__setattr__(obj, f.name, v)
+        rule = rules.get(f.name)
+        if rule is None or v is None:
+            continue
+        values = v if isinstance(v, (tuple, list)) else [v]
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not rule.contains(item):
+                why = f" ({rule.why})" if rule.why else ""
+                raise ConfigError(f"{name} must be {rule.describe(_is_int(hints.get(f.name)))}{why}, got {_show(v)}")
+
+
+def _is_int(hint: Any) -> bool:
+    return hint is int or int in typing.get_args(hint)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return "-".join(map(str, v)) if len(v) < 20 else f"{len(v)} values"
+    return repr(v) if isinstance(v, str) else f"{v}"
 
 
 def parse_bool(value: Any) -> bool:
@@ -146,6 +261,9 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_fields(self, MODEL_RULES)
+        if len(self.input_size) != 3:
+            raise ConfigError(f"input_size must be (channels, height, width), got {self.input_size}")
         if self.block not in ("resblock", "coupling"):
             raise ConfigError(f"--block must be resblock or coupling, got {self.block!r}")
         if self.block == "resblock" and not self.densenet and len(self.vnorms) != len(self.kernels) + 1:
@@ -160,14 +278,6 @@ class ModelConfig:
             raise ConfigError(f"--n-dist must be poisson or geometric, got {self.n_dist!r}")
         if self.init_layer not in ("logit", "normalize", None):
             raise ConfigError(f"unknown init layer {self.init_layer!r}")
-        if not 0 < self.coeff:
-            raise ConfigError(f"--coeff must be positive, got {self.coeff}")
-        if self.n_power_series is not None and self.n_power_series < 1:
-            raise ConfigError("--n-power-series must be a positive integer (or omitted for the unbiased estimator)")
-        if self.n_samples < 1:
-            raise ConfigError("--n-samples must be >= 1")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.densenet:
             self._validate_densenet()
         c, h, w = self.input_size
@@ -300,6 +410,13 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Types and ranges of every field (:data:`TRAIN_RULES`) and the checks that involve two flags;
+        raises :class:`ConfigError`. Choices of the string flags are checked by ``resflows.cli.validate_config``."""
+        check_fields(self, TRAIN_RULES)
+        if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
+            raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
+
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -313,3 +430,35 @@ class TrainConfig:
         cfg.act = ACTIVATION_ALIASES.get(cfg.act, cfg.act)  # the i-DenseNets fork saved --act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg
+
+
+# Ranges of every numeric field (a test checks that none is missing). Integers: POSITIVE (>= 1) or
+# NON_NEGATIVE (>= 0); numbers are always finite.
+_UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
+_COEFF = Range(0, 1, lo_open=True, hi_open=True, why="a residual block is invertible only when its Lipschitz constant is below 1")
+_DROPOUT = Range(0, 1, hi_open=True)
+_TOL = Range(0, 1, lo_open=True)
+_LIP_COEFF = Range(0, 1, lo_open=True, why="each dense layer's Lipschitz constant must stay at most 1")
+
+TRAIN_RULES: Dict[str, Range] = {
+    "imagesize": POSITIVE, "nbits": Range(1, 8, why="the images have 8 bits per channel"), "coeff": _COEFF,
+    "n_lipschitz_iters": POSITIVE, "sn_tol": _TOL, "n_power_series": POSITIVE, "n_samples": POSITIVE,
+    "n_exact_terms": NON_NEGATIVE, "var_reduc_lr": NON_NEGATIVE, "idim": POSITIVE, "dropout": _DROPOUT,
+    "fc_idim": POSITIVE, "padding": NON_NEGATIVE, "cdim": POSITIVE, "nepochs": POSITIVE, "batchsize": POSITIVE,
+    "lr": Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"), "wd": NON_NEGATIVE,
+    "warmup_iters": NON_NEGATIVE, "annealing_iters": NON_NEGATIVE, "val_batchsize": POSITIVE,
+    "seed": Range(0, 2**32 - 1), "update_freq": POSITIVE, "begin_epoch": NON_NEGATIVE, "nworkers": NON_NEGATIVE,
+    "print_freq": POSITIVE, "vis_freq": POSITIVE, "max_iters": POSITIVE, "sample": NON_NEGATIVE,
+    "temp": Range(0, lo_open=True), "nrow": POSITIVE,
+    "densenet_depth": POSITIVE, "densenet_growth": POSITIVE, "fc_densenet_growth": POSITIVE,
+    "start_learnable_concat": NON_NEGATIVE, "lip_coeff": _LIP_COEFF,
+}
+
+MODEL_RULES: Dict[str, Range] = {
+    "input_size": POSITIVE, "nblocks": POSITIVE, "idim": POSITIVE, "logit_alpha": Range(0, 0.5, lo_open=True, hi_open=True),
+    "normalize_mean": Range(), "normalize_std": Range(0, lo_open=True), "dropout": _DROPOUT, "coeff": _COEFF,
+    "n_lipschitz_iters": POSITIVE, "sn_tol": _TOL, "n_power_series": POSITIVE, "n_samples": POSITIVE,
+    "n_exact_terms": NON_NEGATIVE, "kernels": POSITIVE, "fc_nblocks": NON_NEGATIVE, "fc_idim": POSITIVE,
+    "n_classes": POSITIVE, "cdim": POSITIVE,
+    "densenet_depth": POSITIVE, "densenet_growth": POSITIVE, "fc_densenet_growth": POSITIVE, "lip_coeff": _LIP_COEFF,
+}

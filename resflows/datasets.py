@@ -351,6 +351,11 @@ def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Opt
             source = PthImages(path, script) if train else PthImages(path, script, 0, CELEBA_5BIT_TEST)
         else:
             source = PthImages(path, script)
+        expected = (spec.im_dim, size, size)
+        if tuple(source.data.shape[1:]) != expected:
+            raise DataNotFoundError(
+                f"{path} holds {'x'.join(map(str, source.data.shape[1:]))} images, but --data {name} needs "
+                f"{'x'.join(map(str, expected))}; rebuild it with {script}")
         if name == "celebahq":
             levels_from = 256
         if train and name in ("celebahq", "celeba_5bit"):

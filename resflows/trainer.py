@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_state, read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_state, nonfinite_tensors, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, ModelConfig, TrainConfig
 from .datasets import build_dataset, get_spec
 from .distributed import (
@@ -385,6 +385,15 @@ class Trainer:
         (lowest score; accuracy enters as -accuracy for the classification task)."""
         best_bpd = best_score
         state = self.state()  # collective under torchrun: every rank takes part
+        # Checked on every rank (the weights are identical), so all of them stop together; save_checkpoint
+        # checks again for any other caller.
+        bad = nonfinite_tensors({"model": state["model"], "ema": state["ema"], "optimizer": state["optimizer"]})
+        if bad:
+            raise TrainingError(
+                f"the weights became non-finite at step {self.step} ({len(bad)} tensor(s), first: {bad[0]}); refusing to save "
+                f"them: the checkpoints in {os.path.join(self.save_dir, 'models')} are kept. Try a lower --lr, a longer "
+                f"--warmup-iters or a smaller --coeff"
+            )
         if self.dist.is_main:
             models = os.path.join(self.save_dir, "models")
             save_checkpoint(os.path.join(models, "most_recent.pth"), state)
@@ -442,9 +451,21 @@ class Trainer:
                 logger.info("the checkpoint's random streams do not fit %d rank(s): re-seeding per rank", self.dist.world_size)
                 torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + 7919 * (self.step + 1))
             else:
-                set_rng_state(rng)
+                try:
+                    set_rng_state(rng)
+                except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+                    raise CheckpointError(f"{path}: damaged checkpoint (its random-number state cannot be restored: "
+                                          f"{type(e).__name__})") from None
         else:
             logger.info("resumed from a paper checkpoint: epoch %d (--begin-epoch), iteration %d", self.epoch, self.itr)
+
+    def finished(self) -> Optional[str]:
+        """Why a resumed run has nothing left to train (None if it has)."""
+        if self.cfg.max_iters is not None and self.step >= self.cfg.max_iters:
+            return f"already reached --max-iters {self.cfg.max_iters} (step {self.step})"
+        if self.epoch >= self.cfg.nepochs:
+            return f"already finished --nepochs {self.cfg.nepochs}"
+        return None
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -698,7 +719,11 @@ class Trainer:
             chunks = []
             for i in range(0, n, 64):
                 z = torch.randn(min(64, n - i), model.latent_dim, device=self.device) * temp
-                chunks.append(model.inverse(z)[:, :c].clamp(0, 1).cpu())  # drop --padding channels
+                x = model.inverse(z)[:, :c]  # drop --padding channels
+                if not torch.isfinite(x).all():
+                    raise TrainingError(f"sampling at --temp {temp:g} gave non-finite images (the inverse diverged); "
+                                        f"nothing was written. Try a lower --temp or an earlier checkpoint")
+                chunks.append(x.clamp(0, 1).cpu())
             folder = os.path.join(self.save_dir, "samples")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")

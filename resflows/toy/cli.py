@@ -6,7 +6,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ..cli import OneLineArgumentParser, _bool, _optional_float, _optional_int
-from ..config import format_vnorms
+from ..config import ConfigError, format_vnorms
 from .config import TOY_ACTIVATIONS, ToyConfig
 from .data import DATASETS
 
@@ -59,5 +59,9 @@ def build_parser(prog: str = "train_toy.py") -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_toy.py") -> ToyConfig:
     """Command line -> :class:`ToyConfig` (raises ``ConfigError`` for bad values or combinations)."""
-    args = build_parser(prog).parse_args(argv)
-    return ToyConfig(**vars(args))
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        return ToyConfig(**vars(args))
+    except ConfigError as e:  # a value out of range: one line and status 2, like any other bad flag
+        parser.error(str(e))

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import ConfigError, format_vnorms, parse_int_tuple, parse_vnorms
+from ..config import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag_name, format_vnorms, parse_int_tuple, parse_vnorms
 from .data import DATASETS
 
 __all__ = ["ToyConfig", "TOY_ACTIVATIONS"]
@@ -84,6 +84,7 @@ class ToyConfig:
         return dict(n_iterations=None, atol=self.atol, rtol=self.rtol)
 
     def validate(self) -> None:
+        check_fields(self, TOY_RULES, _toy_flag)
         if self.data not in DATASETS:
             raise ConfigError(f"--data must be one of {', '.join(DATASETS)}; got {self.data!r}")
         if self.arch not in ("iresnet", "realnvp"):
@@ -103,23 +104,6 @@ class ToyConfig:
                     f"{self.n_linear} linear layers per block, so give {self.n_linear + 1} orders "
                     f"(e.g. {'2' * (self.n_linear + 1)}); got {format_vnorms(self.vnorms)}"
                 )
-        positive = {"--nblocks": self.nblocks, "--niters": self.niters, "--batch_size": self.batch_size,
-                    "--test_batch_size": self.test_batch_size, "--viz_freq": self.viz_freq, "--val_freq": self.val_freq,
-                    "--log_freq": self.log_freq, "--n-samples": self.n_samples, "--viz_npts": self.viz_npts}
-        for flag, v in positive.items():
-            if v < 1:
-                raise ConfigError(f"{flag} must be a positive integer; got {v}")
-        for flag, v in (("--n-power-series", self.n_power_series), ("--n-lipschitz-iters", self.n_lipschitz_iters),
-                        ("--viz_samples", self.viz_samples)):
-            if v is not None and v < 1:
-                raise ConfigError(f"{flag} must be a positive integer or None; got {v}")
-        for flag, v in (("--atol", self.atol), ("--rtol", self.rtol)):
-            if v is not None and not v > 0:
-                raise ConfigError(f"{flag} must be positive or None; got {v}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive; got {self.lr}")
-        if self.weight_decay < 0 or self.annealing_iters < 0 or self.gpu < 0:
-            raise ConfigError("--weight-decay, --annealing-iters and --gpu must be non-negative")
         if not self.save:
             raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/toy")
 
@@ -137,3 +121,22 @@ class ToyConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "ToyConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Ranges of every numeric flag (the same mechanism as train_img.py's; --coeff is checked in validate, since
+# only the residual architecture needs it below 1; --vnorms by parse_vnorms).
+TOY_RULES: Dict[str, Range] = {
+    "n_lipschitz_iters": POSITIVE, "atol": Range(0, lo_open=True), "rtol": Range(0, lo_open=True), "dims": POSITIVE,
+    "nblocks": POSITIVE, "n_power_series": POSITIVE, "n_samples": POSITIVE, "niters": POSITIVE, "batch_size": POSITIVE,
+    "test_batch_size": POSITIVE, "lr": Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"),
+    "weight_decay": NON_NEGATIVE, "annealing_iters": NON_NEGATIVE, "viz_freq": POSITIVE, "val_freq": POSITIVE,
+    "log_freq": POSITIVE, "gpu": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "viz_npts": POSITIVE, "viz_samples": POSITIVE,
+    "coeff": Range(),
+}
+
+# The paper's toy flags spelled with underscores.
+_UNDERSCORE_FLAGS = ("batch_size", "test_batch_size", "viz_freq", "val_freq", "log_freq", "viz_npts", "viz_samples")
+
+
+def _toy_flag(name: str) -> str:
+    return f"--{name}" if name in _UNDERSCORE_FLAGS else flag_name(name)

@@ -1,0 +1,392 @@
+"""Every bad input to the entry points ends in one line, and nothing is lost (issue 15, entry-point half).
+
+One table: the command (with the file set-up or fault it needs), the exit code, the one line it prints
+(a regex), and the files that must be unchanged (or gone) afterwards. Cases run in-process through
+``main(argv)``; a few tests below use subprocesses where a real process matters (tracebacks, a killed
+lock holder).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import pytest
+import torch
+
+import train_img
+import train_toy
+from tests.conftest import REPO
+
+TINY = ["--data", "digits", "--nblocks", "1-1", "--idim", "8", "--fc-idim", "16", "--batchsize", "50",
+        "--nworkers", "0", "--print-freq", "1", "--vis-freq", "1000", "--seed", "1"]
+TOY = ["--nblocks", "1", "--dims", "8", "--niters", "2", "--batch_size", "20", "--test_batch_size", "20",
+       "--viz_npts", "4", "--viz_samples", "4", "--viz_freq", "1000", "--val_freq", "1", "--seed", "1"]
+CKPT = "{run}/models/most_recent.pth"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A two-step digits run (models/most_recent.pth at step 2), copied afresh into each case."""
+    os.environ["RESFLOWS_OFFLINE"] = "1"
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train_img.main(TINY + ["--max-iters", "2", "--save", str(run)]) == 0
+    return run
+
+
+# -- set-ups that craft files ----------------------------------------------------------------------------------
+def _edit_checkpoint(name: str, edit: Callable[[dict], None]):
+    def setup(tmp, run, monkeypatch):
+        ckpt = torch.load(run / "models" / "most_recent.pth", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, tmp / name)
+    return setup
+
+
+def _set_config(**values):
+    def edit(ckpt):
+        ckpt["config"].update(values)
+        for k, v in values.items():
+            if k in ckpt["model_config"]:
+                ckpt["model_config"][k] = v
+    return edit
+
+
+def _nan_weight(key: str):
+    def edit(ckpt):
+        t = next(iter(ckpt[key].values()))
+        t.view(-1)[0] = float("nan")
+    return edit
+
+
+def _small_pth_dataset(tmp, run, monkeypatch):
+    folder = tmp / "data" / "imagenet32"
+    folder.mkdir(parents=True)
+    images = torch.randint(0, 256, (60, 3, 16, 16), dtype=torch.uint8)
+    torch.save(images, folder / "train_32x32.pth")
+    torch.save(images, folder / "valid_32x32.pth")
+
+
+def _paper_pickle(tmp, run, monkeypatch):
+    """A ~200-byte legacy-format torch pickle: default paper flags, no weights."""
+    magic = 0x1950A86A20F9469CFC6C
+    body = {"args": argparse.Namespace(data="cifar10"), "state_dict": {}}
+    with open(tmp / "paper.pth", "wb") as f:
+        for part in (magic, 1001, {"protocol_version": 1001}, body, []):
+            pickle.dump(part, f, protocol=2)
+
+
+def _full_disk(tmp, run, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", no_space)
+
+
+def _nan_ema_after_step(tmp, run, monkeypatch):
+    from resflows.trainer import EMA
+
+    update = EMA.update
+
+    def poisoned(self, model):
+        update(self, model)
+        next(self.model.parameters()).data.fill_(float("nan"))
+    monkeypatch.setattr(EMA, "update", poisoned)
+
+
+def _nan_eval(tmp, run, monkeypatch):
+    from resflows.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "validate", lambda self, *a, **k: {"n_images": 297, "seconds": 0.1,
+                                                                    "test_bpd": float("nan"), "test_bpd_stderr": float("nan")})
+
+
+def _nan_inverse(tmp, run, monkeypatch):
+    from resflows.model import ResidualFlow
+
+    inverse = ResidualFlow.inverse
+    monkeypatch.setattr(ResidualFlow, "inverse", lambda self, z, *a, **k: inverse(self, z, *a, **k) * float("nan"))
+
+
+def _leftovers(tmp, run, monkeypatch):
+    shutil.copy(run / "models" / "most_recent.pth", run / "models" / "checkpt-0099.pth")
+    (run / "models" / ".tmp-killed.pth").write_bytes(b"half a checkpoint")
+
+
+def _toy_leftover(tmp, run, monkeypatch):
+    (tmp / "toy").mkdir()
+    (tmp / "toy" / ".tmp-killed.pth").write_bytes(b"half a checkpoint")
+
+
+def _locked(folder: str):
+    """Another run holds the folder: its flock on SAVE/.lock, with its PID in the file."""
+    def setup(tmp, run, monkeypatch):
+        import fcntl
+
+        path = tmp / folder
+        path.mkdir(exist_ok=True)
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"424242 otherhost\n")
+        return lambda: os.close(fd)
+    return setup
+
+
+def _toy_nan_step(tmp, run, monkeypatch):
+    from resflows.toy import ToyTrainer
+
+    step = ToyTrainer.run_step
+
+    def poisoned(self):
+        out = step(self)
+        next(self.model.parameters()).data.fill_(float("inf"))
+        return out
+    monkeypatch.setattr(ToyTrainer, "run_step", poisoned)
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    id: str
+    argv: Sequence[str]
+    code: int
+    line: str  # regex searched in the single line on stderr (None: the command succeeds)
+    unchanged: Sequence[str] = ("run/models/*",)  # globs under the case folder
+    gone: Sequence[str] = ()  # files that must not exist afterwards
+    setup: Optional[Callable] = None
+    script: str = "img"
+    stdout: Optional[str] = None  # regex on stdout for successful cases
+
+
+R = ["--resume", CKPT, "--nworkers", "0"]
+CASES = [
+    # 1. sampling flags never fall through to resuming training in the checkpoint's folder
+    Case("sample-0", R + ["--sample", "0"], 2, r"--sample 0 writes no samples"),
+    Case("temp-without-sample", R + ["--temp", "0.5"], 2, r"--temp only applies when sampling"),
+    Case("nrow-without-sample", R + ["--nrow", "4"], 2, r"--nrow only applies when sampling"),
+    # 2. non-finite weights are never saved, evaluated or written to eval.json
+    Case("lr-inf", TINY + ["--lr", "inf", "--warmup-iters", "0", "--max-iters", "1", "--save", "{tmp}/new"], 2,
+         r"--lr must be a finite number in \(0, 10\]", gone=["new/models/most_recent.pth"]),
+    Case("ema-becomes-nan", R + ["--max-iters", "3"], 1, r"weights became non-finite at step 3 .*refusing to save",
+         setup=_nan_ema_after_step, gone=["run/models/.tmp-*"]),
+    Case("evaluate-nan-weights", ["--resume", "{tmp}/nan.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"nan.pth: its model weights hold NaN or infinite values", setup=_edit_checkpoint("nan.pth", _nan_weight("model")),
+         gone=["eval/eval.json"]),
+    Case("evaluate-nan-ema", ["--resume", "{tmp}/nan.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"nan.pth: its EMA weights hold NaN or infinite values", setup=_edit_checkpoint("nan.pth", _nan_weight("ema")),
+         gone=["eval/eval.json"]),
+    Case("evaluate-nan-result", R + ["--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1, r"gave non-finite results", setup=_nan_eval,
+         gone=["eval/eval.json"]),
+    Case("toy-lr-inf", TOY + ["--lr", "inf", "--save", "{tmp}/toy"], 2, r"--lr must be a finite number", script="toy",
+         gone=["toy/checkpt.pth", "toy/last.pth"]),
+    Case("toy-weights-become-inf", TOY + ["--save", "{tmp}/toy"], 1, r"refusing to write .*toy/(checkpt|last).pth: .* NaN or infinite",
+         script="toy", setup=_toy_nan_step, gone=["toy/last.pth", "toy/.tmp-*"]),
+    # 3. every numeric flag's range, the device, the data, the disk
+    Case("lr-nan", TINY + ["--lr", "nan", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--lr must be a finite number"),
+    Case("lr-1e39", TINY + ["--lr", "1e39", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--lr must be .* got 1e\+39"),
+    Case("imagesize-12-digits", TINY + ["--imagesize", "12", "--max-iters", "1", "--save", "{tmp}/new"], 2,
+         r"--imagesize for digits must be a multiple of 8"),
+    Case("nbits-0", TINY + ["--nbits", "0", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--nbits must be an integer in \[1, 8\]"),
+    Case("nbits-minus-1", TINY + ["--nbits", "-1", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--nbits must be"),
+    Case("nbits-9", TINY + ["--nbits", "9", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--nbits .*8 bits per channel"),
+    Case("sample-minus-5", R + ["--sample", "-5"], 2, r"--sample must be an integer >= 0"),
+    Case("nrow-minus-3", R + ["--sample", "4", "--nrow", "-3"], 2, r"--nrow must be an integer >= 1"),
+    Case("padding-minus-1", TINY + ["--padding", "-1", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--padding must be an integer >= 0"),
+    Case("idim-0", TINY + ["--idim", "0", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--idim must be an integer >= 1"),
+    Case("coeff-1.5", TINY + ["--coeff", "1.5", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--coeff must be .*\(0, 1\)"),
+    Case("coeff-1", TINY + ["--coeff", "1", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--coeff .*invertible"),
+    Case("max-iters-0", TINY + ["--max-iters", "0", "--save", "{tmp}/new"], 2, r"--max-iters must be an integer >= 1"),
+    Case("device-cuda-no-gpu", TINY + ["--device", "cuda", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--device cuda: no CUDA GPU"),
+    Case("device-tpu", TINY + ["--device", "tpu", "--max-iters", "1", "--save", "{tmp}/new"], 2, r"--device must be auto, cpu, cuda"),
+    Case("pth-wrong-image-size", TINY[2:] + ["--data", "imagenet32", "--dataroot", "{tmp}/data", "--max-iters", "1",
+                                             "--save", "{tmp}/new"], 1,
+         r"_32x32.pth holds 3x16x16 images, but --data imagenet32 needs 3x32x32", setup=_small_pth_dataset),
+    Case("disk-full", R + ["--max-iters", "3"], 1, r"most_recent.pth: No space left on device \(the disk is full",
+         setup=_full_disk, gone=["run/models/.tmp-*"]),
+    # 4. crafted or damaged checkpoints fail fast, before a model is built from them
+    Case("ckpt-million-blocks", ["--resume", "{tmp}/c.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"ask for 200000\d blocks but it holds only \d+ weight tensors",
+         setup=_edit_checkpoint("c.pth", _set_config(nblocks="1000000-1000000"))),
+    Case("ckpt-huge-idim", ["--resume", "{tmp}/c.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"weights do not fit this architecture .*wrong shape", setup=_edit_checkpoint("c.pth", _set_config(idim=10**7))),
+    Case("paper-pickle-200-bytes", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"paper.pth: its settings ask for \d+ blocks but it holds only 0 weight tensors", setup=_paper_pickle),
+    Case("ckpt-print-freq-0", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1,
+         r"c.pth: its stored settings are invalid: --print-freq must be an integer >= 1, got 0",
+         setup=_edit_checkpoint("c.pth", _set_config(print_freq=0))),
+    Case("ckpt-lr-string", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"--lr must be a number, got 'abc'",
+         setup=_edit_checkpoint("c.pth", _set_config(lr="abc"))),
+    Case("ckpt-config-not-dict", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"its 'config' is a list, not a dict",
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(config=[1, 2]))),
+    Case("ckpt-bad-rng", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"random-number state cannot be restored",
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}))),
+    Case("ckpt-bad-counter", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"its epoch counter is 'x'",
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch="x"))),
+    Case("ckpt-bad-best-list", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1,
+         r"list of best checkpoints is malformed", setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[["x"]]))),
+    # 6. leftovers, finished runs, non-finite sampling
+    Case("leftovers-cleaned", R + ["--max-iters", "3"], 0, None, unchanged=(),
+         gone=["run/models/checkpt-0099.pth", "run/models/.tmp-killed.pth"], setup=_leftovers),
+    Case("resume-finished-run", R + ["--max-iters", "2"], 0, None, stdout=r"already reached --max-iters 2 \(step 2\); nothing to do"),
+    Case("temp-nan", R + ["--sample", "4", "--temp", "nan"], 2, r"--temp must be a finite number > 0", gone=["run/samples"]),
+    Case("temp-inf", R + ["--sample", "4", "--temp", "inf"], 2, r"--temp must be a finite number > 0", gone=["run/samples"]),
+    Case("inverse-non-finite", R + ["--sample", "4"], 1, r"sampling at --temp 1 gave non-finite images", setup=_nan_inverse,
+         gone=["run/samples/*.png"]),
+    Case("toy-leftover-tmp", TOY + ["--save", "{tmp}/toy"], 0, None, unchanged=(), gone=["toy/.tmp-killed.pth"],
+         script="toy", setup=_toy_leftover),
+    # 8. one run per --save folder
+    Case("save-folder-in-use", R + ["--max-iters", "3"], 1, r"--save .*run is in use by another run \(PID 424242 on otherhost\)", setup=_locked("run")),
+    Case("toy-save-folder-in-use", TOY + ["--save", "{tmp}/toy"], 1, r"--save .*toy is in use by another run", script="toy",
+         setup=_locked("toy"), unchanged=("toy/*",)),
+]
+
+
+def _digest(paths) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
+
+
+class _Timeout(Exception):
+    pass
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, trained, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    release = case.setup(tmp_path, run, monkeypatch) if case.setup else None
+    argv = [a.format(run=run, tmp=tmp_path) for a in case.argv]
+    before = _digest(p for g in case.unchanged for p in tmp_path.glob(g))
+    main = train_img.main if case.script == "img" else train_toy.main
+
+    def alarm(signum, frame):  # a case that hangs (as some did before the fix) fails instead
+        raise _Timeout(f"{case.id} did not finish in time")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(int(os.environ.get("BAD_INPUT_TIMEOUT", "300")))
+    try:
+        _check_case(case, main, argv, tmp_path, before, capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        if release:
+            release()
+
+
+def _check_case(case: Case, main, argv, tmp_path, before, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == case.code, err
+    if case.line is None:
+        assert not lines, err
+    else:
+        assert len(lines) == 1, err
+        assert "Traceback" not in err
+        assert re.search(case.line, lines[0]), lines[0]
+    if case.stdout:
+        assert re.search(case.stdout, out), out
+    after = _digest(p for g in case.unchanged for p in tmp_path.glob(g))
+    assert after == before
+    for g in case.gone:
+        assert not list(tmp_path.glob(g)), g
+
+
+# -- the rules cover every flag ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["train", "model", "toy"])
+def test_every_numeric_field_has_a_range(which):
+    """A new numeric flag needs a rule in the table next to its config (or it would go unchecked)."""
+    from resflows.config import MODEL_RULES, TRAIN_RULES, ModelConfig, TrainConfig
+    from resflows.toy.config import TOY_RULES, ToyConfig
+
+    cls, rules = {"train": (TrainConfig, TRAIN_RULES), "model": (ModelConfig, MODEL_RULES), "toy": (ToyConfig, TOY_RULES)}[which]
+    exempt = {"vnorms"}  # orders 1..9 or infinity, checked by parse_vnorms
+    hints = typing.get_type_hints(cls)
+    numeric = []
+    for f in dataclasses.fields(cls):
+        h = hints[f.name]
+        args = typing.get_args(h)
+        if h in (int, float) or any(a in (int, float) for a in args):
+            numeric.append(f.name)
+    assert [n for n in numeric if n not in rules and n not in exempt] == []
+
+
+# -- the lock ------------------------------------------------------------------------------------------------------
+def test_lock_released_on_exit_and_after_errors(tmp_path):
+    from resflows.entry import SaveLock
+
+    save = tmp_path / "run"
+    assert train_img.main(TINY + ["--max-iters", "1", "--save", str(save)]) == 0
+    with pytest.raises(SystemExit):
+        train_img.main(TINY + ["--lr", "nan", "--save", str(save)])
+    SaveLock(str(save)).acquire().release()  # free again
+
+
+def test_lock_of_a_killed_run_is_not_held(tmp_path):
+    """SIGKILL gives no chance to clean up: the kernel drops the flock, so the folder is usable at once."""
+    from resflows.entry import SaveLock
+
+    code = ("import sys, time; from resflows.entry import SaveLock; SaveLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        from resflows.config import ConfigError
+
+        with pytest.raises(ConfigError, match=rf"in use by another run \(PID {p.pid} "):
+            SaveLock(str(tmp_path)).acquire()
+    finally:
+        p.kill()
+        p.wait()
+    assert (tmp_path / ".lock").exists()  # the stale file stays...
+    SaveLock(str(tmp_path)).acquire().release()  # ...and does not block
+
+
+# -- tracebacks only for bugs --------------------------------------------------------------------------------------
+def test_internal_error_prints_traceback_and_asks_for_a_report(tmp_path, monkeypatch, capsys):
+    from resflows.entry import SaveLock
+    from resflows.trainer import Trainer
+
+    def broken(self):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(Trainer, "fit", broken)
+    code = train_img.main(TINY + ["--max-iters", "1", "--save", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err
+    assert re.search(r"internal error \(ZeroDivisionError\): this is a bug in resflows; please report it", err.strip().splitlines()[-1])
+    SaveLock(str(tmp_path / "run")).acquire().release()  # released although the run crashed
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("train_img.py", ["--lr", "nan"]),
+    ("train_img.py", ["--resume", "missing.pth", "--evaluate"]),
+    ("train_toy.py", ["--lr", "inf"]),
+])
+def test_scripts_end_in_one_line(tmp_path, script, argv):
+    """The real scripts, as a user runs them: one line on stderr, no traceback."""
+    p = subprocess.run([sys.executable, str(REPO / script)] + argv + ["--save", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "RESFLOWS_OFFLINE": "1"})
+    assert p.returncode in (1, 2)
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"{script}: error: ")
