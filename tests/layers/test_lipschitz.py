@@ -152,7 +152,7 @@ def test_power_iteration_tolerance_and_fixed_count():
         update_lipschitz([layer])
 
 
-def test_learnable_orders_get_gradients_and_start_at_two():
+def test_learnable_orders_get_gradients_from_their_objective_and_start_at_two():
     d = torch.nn.Parameter(torch.tensor(0.0))
     c = torch.nn.Parameter(torch.tensor(0.0))
     layer = InducedNormConv2d(2, 4, 3, 1, 1, domain=d, codomain=c, spatial_dims=(4, 4))
@@ -161,6 +161,8 @@ def test_learnable_orders_get_gradients_and_start_at_two():
     with torch.no_grad():
         layer.weight.mul_(5)
     layer(torch.randn(2, 2, 4, 4)).pow(2).sum().backward()
+    assert d.grad is None and c.grad is None  # the forward uses the stored u, v (paper)
+    layer.one_step_sigma().backward()  # the orders' own objective
     assert d.grad is not None and c.grad is not None and d.grad.abs() > 0
     x = torch.linspace(-8, 8, 1001, dtype=D64)
     p = asym_squash(x)
