@@ -298,8 +298,6 @@ class ModelConfig:
             if self.act == "clipswish" and v % 2 and flag != "--densenet_depth":
                 raise ConfigError(f"{flag} must be even with --act CLipSwish (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
-        if not 0 < self.lip_coeff:
-            raise ConfigError(f"--lip-coeff must be positive, got {self.lip_coeff}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
     def to_dict(self) -> Dict[str, Any]:

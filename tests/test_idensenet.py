@@ -160,7 +160,7 @@ def test_whole_model_forward_inverse_and_exact_logdet(extra):
     (["--block", "coupling"], "drop --block coupling"),
     (["--learn-p", "True"], "--learn-p is not available with --densenet True"),
     (["--dropout", "0.1"], "--dropout is not used by dense branches"),
-    (["--lip-coeff", "0"], "--lip-coeff must be positive"),
+    (["--lip-coeff", "0"], "--lip-coeff must be a finite number in (0, 1]"),
     (["--start_learnable_concat", "-1"], "expected a non-negative integer"),
     (["--act", "CLipswish"], "invalid choice: 'CLipswish'"),
 ])
