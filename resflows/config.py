@@ -330,7 +330,6 @@ class TrainConfig:
     inverse: str = flag("fixed-point", "how samples and reconstructions invert each residual block: the paper's fixed-point "
                         "iteration, or Anderson acceleration (same stopping rule, fewer network evaluations)",
                         choices=("fixed-point", "anderson"), run=True)
-    compile: bool = flag(False, cli=False)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
