@@ -136,6 +136,7 @@ class ModelConfig:
     n_exact_terms: int = flag(2, "terms always computed in the power series", range=NON_NEGATIVE)
     neumann_grad: bool = flag(True, "Neumann-series gradient estimator")
     mem_eff: bool = flag(True, "memory-efficient log-det gradients (backward-in-forward)")
+    # choices: the command line's; the Python API takes any name in resflows.layers.ACTIVATIONS.
     act: str = flag("swish", "swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish are accepted",
                     type=parse_act, choices=("softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish", "leakylswish"),
                     arch=True)
@@ -201,12 +202,9 @@ class ModelConfig:
             raise ConfigError("--learn-p is not available with --densenet True (dense branches use the first --vnorms order); drop --learn-p")
         if self.dropout:
             raise ConfigError("--dropout is not used by dense branches; drop it with --densenet True")
-        for flag, v in (("--densenet_depth", self.densenet_depth), ("--densenet_growth", self.densenet_growth),
-                        ("--fc_densenet_growth", self.fc_densenet_growth)):
-            if v < 1:
-                raise ConfigError(f"{flag} must be a positive integer, got {v}")
-            if self.act == "clipswish" and v % 2 and flag != "--densenet_depth":
-                raise ConfigError(f"{flag} must be even with --act CLipSwish (each conv gives half the channels, "
+        for name, v in (("--densenet_growth", self.densenet_growth), ("--fc_densenet_growth", self.fc_densenet_growth)):
+            if self.act == "clipswish" and v % 2:  # (that they are >= 1 is their declared range)
+                raise ConfigError(f"{name} must be even with --act CLipSwish (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------

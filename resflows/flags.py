@@ -13,7 +13,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = [
     "ConfigError",
@@ -27,7 +27,6 @@ __all__ = [
     "flag_name",
     "option",
     "rules_of",
-    "choices_of",
     "names_where",
     "check_fields",
     "check_choices",
@@ -132,10 +131,6 @@ def option(f: dataclasses.Field) -> str:
 def rules_of(cls: type) -> Dict[str, Range]:
     """``{field name: Range}`` for the fields of ``cls`` that declare a range."""
     return {f.name: flag_spec(f).range for f in dataclasses.fields(cls) if flag_spec(f).range is not None}
-
-
-def choices_of(cls: type) -> Dict[str, Tuple[Any, ...]]:
-    return {f.name: flag_spec(f).choices for f in dataclasses.fields(cls) if flag_spec(f).choices is not None}
 
 
 def names_where(cls: type, what: str) -> Tuple[str, ...]:

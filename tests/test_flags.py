@@ -52,7 +52,8 @@ def test_model_config_takes_every_shared_field():
     changed = dict(idim=16, coeff=0.5, n_samples=3, sn_tol=0.01, lip_coeff=0.9, mem_eff=False, densenet_growth=8,
                    nblocks="1-2", kernels="3-3", vnorms="2f2")
     m = model_config_from(TrainConfig(data="digits", **changed))
-    assert (m.idim, m.coeff, m.n_samples, m.sn_tol, m.lip_coeff, m.mem_eff, m.densenet_growth) == (16, 0.5, 3, 0.01, 0.9, False, 8)
+    got = (m.idim, m.coeff, m.n_samples, m.sn_tol, m.lip_coeff, m.mem_eff, m.densenet_growth)
+    assert got == (16, 0.5, 3, 0.01, 0.9, False, 8)
     assert (m.nblocks, m.kernels, m.vnorms) == ((1, 2), (3, 3), (2.0, float("inf"), 2.0))
 
 

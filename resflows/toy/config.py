@@ -51,7 +51,8 @@ class ToyConfig:
     weight_decay: float = flag(1e-5, "decoupled weight decay (AdamW)", range=NON_NEGATIVE)
     annealing_iters: int = flag(0, "anneal the log-det weight to 1 over this many iterations", range=NON_NEGATIVE)
     save: str = flag("experiments/iresnet_toy", "output folder")
-    viz_freq: int = flag(100, "write SAVE/figs/ITER.png every N iterations (and at iteration 1)", name="--viz_freq", range=POSITIVE)
+    viz_freq: int = flag(100, "write SAVE/figs/ITER.png every N iterations (and at iteration 1)", name="--viz_freq",
+                         range=POSITIVE)
     val_freq: int = flag(100, name="--val_freq", range=POSITIVE)
     log_freq: int = flag(10, name="--log_freq", range=POSITIVE)
     gpu: int = flag(0, "use cuda:GPU when CUDA is available, else the CPU", range=NON_NEGATIVE)
@@ -59,7 +60,8 @@ class ToyConfig:
     # Ours: figure resolution (grid side and histogram bins) and number of model samples (None: npts^2,
     # as the paper). Lower them on a CPU: every sample goes through the fixed-point inverse of every block.
     viz_npts: int = flag(400, "grid side of the density panel and bins of the histograms", name="--viz_npts", range=POSITIVE)
-    viz_samples: Optional[int] = flag(None, "model samples in the figure (None: viz_npts^2)", name="--viz_samples", range=POSITIVE)
+    viz_samples: Optional[int] = flag(None, "model samples in the figure (None: viz_npts^2)", name="--viz_samples",
+                                      range=POSITIVE)
 
     def __post_init__(self) -> None:
         self.dims = parse_int_tuple(self.dims, "--dims")
