@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from .datasets import DATASETS
 from .flags import (
@@ -158,8 +158,8 @@ class ModelConfig:
     lip_coeff: float = flag(0.98, "dense layers' concatenation weights satisfy eta1^2 + eta2^2 = lip-coeff^2",
                             range=_LIP_COEFF)
 
-    # Names of the fields that fix the architecture (set below from the fields' arch=True).
-    ARCH_FIELDS = ()
+    # Names of the fields that fix the architecture (set below the class, from the fields' arch=True).
+    ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(i) for i in self.input_size)  # type: ignore[assignment]
