@@ -1,13 +1,30 @@
-"""Typed configuration. Strings from the command line (``"16-16-16"``, ``"3-1-3"``, ``"2222"``) are
-parsed here, once; layers and models only see ints, floats and tuples."""
+"""Typed configuration: the model's settings (:class:`ModelConfig`) and every ``train_img.py`` flag
+(:class:`TrainConfig`), each declared once as a field with its flag (see :mod:`resflows.flags`). Strings
+from the command line (``"16-16-16"``, ``"3-1-3"``, ``"2222"``) are parsed here, once; layers and models
+only see ints, floats and tuples."""
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from .datasets import DATASETS
+from .flags import (
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Range,
+    check_choices,
+    check_fields,
+    flag,
+    flag_name,
+    names_where,
+    nonnegative_int,
+    parse_bool,
+    positive_int,
+    rules_of,
+    same_flag,
+)
 from .layers.activations import ACTIVATION_ALIASES
 
 __all__ = [
@@ -18,6 +35,8 @@ __all__ = [
     "TRAIN_RULES",
     "MODEL_RULES",
     "ModelConfig",
+    "TrainConfig",
+    "parse_act",
     "parse_bool",
     "parse_int_tuple",
     "parse_vnorms",
@@ -25,130 +44,6 @@ __all__ = [
 ]
 
 INF = float("inf")
-
-
-class ConfigError(ValueError):
-    """A bad flag value or combination; the message names the flag and what to do."""
-
-
-# ------------------------------------------------------------------------------------------------
-# One set of rules for every number a run takes: checked the same way for the flags typed on a command
-# line and for the config stored in a checkpoint (which a crafted or damaged file may fill with anything).
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of one numeric field: finite, between ``lo`` and ``hi`` (open or closed ends)."""
-
-    lo: float = -math.inf
-    hi: float = math.inf
-    lo_open: bool = False
-    hi_open: bool = False
-    why: str = ""  # appended to the message: what the bound protects
-
-    def contains(self, v: float) -> bool:
-        if not math.isfinite(v):
-            return False
-        above = v > self.lo if self.lo_open else v >= self.lo
-        below = v < self.hi if self.hi_open else v <= self.hi
-        return above and below
-
-    def describe(self, integer: bool) -> str:
-        kind = "an integer" if integer else "a finite number"
-        lo, hi = self.lo, self.hi
-        if math.isinf(lo) and math.isinf(hi):
-            return kind
-        if math.isinf(hi):
-            return f"{kind} {'>' if self.lo_open else '>='} {lo:g}"
-        if math.isinf(lo):
-            return f"{kind} {'<' if self.hi_open else '<='} {hi:g}"
-        return f"{kind} in {'(' if self.lo_open else '['}{lo:g}, {hi:g}{')' if self.hi_open else ']'}"
-
-
-POSITIVE = Range(1)  # integers >= 1
-NON_NEGATIVE = Range(0)
-
-
-def flag_name(field_name: str) -> str:
-    """``n_power_series`` -> ``--n-power-series`` (the toy script keeps the paper's underscores in a few flags)."""
-    return "--" + field_name.replace("_", "-")
-
-
-def _check_type(value: Any, hint: Any, flag: str) -> Any:
-    """``value`` as the annotated type (bool, int, float, str, Optional[...], tuples), or ConfigError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], flag) if len(inner) == 1 else value
-    if hint is bool:
-        try:
-            return parse_bool(value) if isinstance(value, (bool, str)) else _fail(flag, "True or False", value)
-        except ValueError:
-            _fail(flag, "True or False", value)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(flag, "an integer", value)
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        _fail(flag, "a number", value)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        _fail(flag, "a string", value)
-    if origin in (tuple, Tuple):
-        if isinstance(value, (tuple, list, str)):
-            return value  # parsed (and its items checked) by the owner's __post_init__
-        _fail(flag, "a list", value)
-    return value
-
-
-def _fail(flag: str, what: str, value: Any):
-    shown = repr(value) if not isinstance(value, (dict, list, tuple)) or len(repr(value)) < 60 else type(value).__name__
-    raise ConfigError(f"{flag} must be {what}, got {shown}")
-
-
-def check_fields(obj: Any, rules: Dict[str, Range], flag=flag_name) -> None:
-    """Check every field of the dataclass ``obj`` against its annotated type (coercing ``1`` -> ``1.0`` for
-    floats, ``"true"`` -> ``True`` for bools) and every numeric field against ``rules``; raises
-    :class:`ConfigError` naming the flag, the allowed values and the value found."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        name = flag(f.name)
-        v = _check_type(getattr(obj, f.name), hints.get(f.name, Any), name)
-        object.__setattr__(obj, f.name, v)
-        rule = rules.get(f.name)
-        if rule is None or v is None:
-            continue
-        values = v if isinstance(v, (tuple, list)) else [v]
-        for item in values:
-            if isinstance(item, bool) or not isinstance(item, (int, float)) or not rule.contains(item):
-                why = f" ({rule.why})" if rule.why else ""
-                raise ConfigError(f"{name} must be {rule.describe(_is_int(hints.get(f.name)))}{why}, got {_show(v)}")
-
-
-def _is_int(hint: Any) -> bool:
-    return hint is int or int in typing.get_args(hint)
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, (tuple, list)):
-        return "-".join(map(str, v)) if len(v) < 20 else f"{len(v)} values"
-    return repr(v) if isinstance(v, str) else f"{v}"
-
-
-def parse_bool(value: Any) -> bool:
-    """Strict boolean: True/False/true/false/1/0 (never ``eval``)."""
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip()
-    if s in ("True", "true", "1"):
-        return True
-    if s in ("False", "false", "0"):
-        return False
-    raise ValueError(f"expected True or False (or true/false/1/0), got {value!r}")
 
 
 def parse_int_tuple(value: Any, flag: str) -> Tuple[int, ...]:
@@ -188,6 +83,24 @@ def format_vnorms(vnorms: Tuple[float, ...]) -> str:
     return "".join("f" if v == INF else str(int(v)) for v in vnorms)
 
 
+def parse_act(s: str) -> str:
+    """``--act``: the i-DenseNets fork's spellings (CLipSwish, LeakyLSwish) as ours."""
+    return ACTIVATION_ALIASES.get(s, s)
+
+
+# Ranges shared by several fields.
+_COEFF = Range(0, 1, lo_open=True, hi_open=True, why="a residual block is invertible only when its Lipschitz constant is below 1")
+_DROPOUT = Range(0, 1, hi_open=True)
+_TOL = Range(0, 1, lo_open=True)
+_LIP_COEFF = Range(0, 1, lo_open=True, why="each dense layer's Lipschitz constant must stay at most 1")
+_DENSE = dict(type=positive_int, range=POSITIVE, arch=True)  # the fork's integer flags, spelled with underscores
+
+# Every field declares its flag (resflows/flags.py): help text, argparse type and choices, allowed range, and
+# arch=True when it fixes the architecture (state_dict keys and shapes). n_samples sizes only the
+# last_n_samples record, which a resume with another --n-samples rebuilds (as the paper's code does).
+# A field that TrainConfig repeats (same name) is a train_img.py flag: its help text is the flag's.
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a :class:`resflows.ResidualFlow`.
@@ -196,59 +109,57 @@ class ModelConfig:
     ``--padding`` channels, before ``squeeze_first`` (which the model applies itself).
     """
 
-    input_size: Tuple[int, int, int] = (3, 32, 32)
-    nblocks: Tuple[int, ...] = (16, 16, 16)
-    block: str = "resblock"
-    idim: int = 512
-    squeeze_first: bool = False
-    factor_out: bool = False
-    quadratic: bool = False
-    init_layer: Optional[str] = "logit"  # 'logit', 'normalize' or None
-    logit_alpha: float = 0.05
-    normalize_mean: Tuple[float, ...] = (0.4914, 0.4822, 0.4465)
-    normalize_std: Tuple[float, ...] = (0.2023, 0.1994, 0.2010)
-    actnorm: bool = True
-    fc_actnorm: bool = False
-    batchnorm: bool = False
-    dropout: float = 0.0
-    fc: bool = False
-    coeff: float = 0.98
-    vnorms: Tuple[float, ...] = (2.0, 2.0, 2.0, 2.0)
-    n_lipschitz_iters: Optional[int] = None
-    sn_tol: float = 1e-3
-    learn_p: bool = False
-    n_power_series: Optional[int] = None
-    n_dist: str = "poisson"
-    n_samples: int = 1
-    n_exact_terms: int = 2
-    neumann_grad: bool = True
-    mem_eff: bool = True
-    act: str = "swish"
-    kernels: Tuple[int, ...] = (3, 1, 3)
-    fc_end: bool = True
-    fc_nblocks: int = 4
-    fc_idim: int = 128
-    preact: bool = True
-    first_resblock: bool = True
-    classification: bool = False
-    n_classes: int = 10
-    cdim: int = 256
+    input_size: Tuple[int, int, int] = flag((3, 32, 32), range=POSITIVE, arch=True)
+    nblocks: Tuple[int, ...] = flag((16, 16, 16), range=POSITIVE, arch=True)
+    block: str = flag("resblock", choices=("resblock", "coupling"), arch=True)
+    idim: int = flag(512, "hidden channels of the residual branches", range=POSITIVE, arch=True)
+    squeeze_first: bool = flag(False, arch=True)
+    factor_out: bool = flag(False, arch=True)
+    quadratic: bool = flag(False, "invertible 1x1 convolution before each block", arch=True)
+    init_layer: Optional[str] = flag("logit", arch=True)  # 'logit', 'normalize' or None
+    logit_alpha: float = flag(0.05, range=Range(0, 0.5, lo_open=True, hi_open=True))
+    normalize_mean: Tuple[float, ...] = flag((0.4914, 0.4822, 0.4465), range=Range())
+    normalize_std: Tuple[float, ...] = flag((0.2023, 0.1994, 0.2010), range=Range(0, lo_open=True))
+    actnorm: bool = flag(True, arch=True)
+    fc_actnorm: bool = flag(False, arch=True)
+    batchnorm: bool = flag(False, arch=True)
+    dropout: float = flag(0.0, range=_DROPOUT)
+    fc: bool = flag(False, arch=True)
+    coeff: float = flag(0.98, "Lipschitz target of every normalised layer", range=_COEFF)
+    vnorms: Tuple[float, ...] = flag((2.0, 2.0, 2.0, 2.0), arch=True)  # orders 1..9 or inf, checked by parse_vnorms
+    n_lipschitz_iters: Optional[int] = flag(None, "fixed power iterations; None = to tolerance", range=POSITIVE)
+    sn_tol: float = flag(1e-3, "atol and rtol of the power iterations", range=_TOL)
+    learn_p: bool = flag(False, "learn the norm orders", arch=True)
+    n_power_series: Optional[int] = flag(None, "None = unbiased estimator; int = truncated series", range=POSITIVE)
+    n_dist: str = flag("poisson", choices=("geometric", "poisson"))
+    n_samples: int = flag(1, type=positive_int, range=POSITIVE)
+    n_exact_terms: int = flag(2, "terms always computed in the power series", range=NON_NEGATIVE)
+    neumann_grad: bool = flag(True, "Neumann-series gradient estimator")
+    mem_eff: bool = flag(True, "memory-efficient log-det gradients (backward-in-forward)")
+    # choices: the command line's; the Python API takes any name in resflows.layers.ACTIVATIONS.
+    act: str = flag("swish", "swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish are accepted",
+                    type=parse_act, choices=("softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish", "leakylswish"),
+                    arch=True)
+    kernels: Tuple[int, ...] = flag((3, 1, 3), range=POSITIVE, arch=True)
+    fc_end: bool = flag(True, arch=True)
+    fc_nblocks: int = flag(4, range=NON_NEGATIVE, arch=True)
+    fc_idim: int = flag(128, range=POSITIVE, arch=True)
+    preact: bool = flag(True, arch=True)
+    first_resblock: bool = flag(True, arch=True)
+    classification: bool = flag(False, arch=True)
+    n_classes: int = flag(10, range=POSITIVE, arch=True)
+    cdim: int = flag(256, "hidden width of the classification heads", range=POSITIVE, arch=True)
     # i-DenseNets (Perugachi-Diaz et al. 2021): dense residual branches, see resflows/layers/dense.py.
-    densenet: bool = False
-    densenet_depth: int = 3
-    densenet_growth: int = 172
-    fc_densenet_growth: int = 32
-    learnable_concat: bool = True
-    lip_coeff: float = 0.98
+    densenet: bool = flag(False, "Lipschitz DenseNet residual branches (i-DenseNets)", arch=True)
+    densenet_depth: int = flag(3, "dense layers per branch", name="--densenet_depth", **_DENSE)
+    densenet_growth: int = flag(172, "channels each conv dense layer adds", name="--densenet_growth", **_DENSE)
+    fc_densenet_growth: int = flag(32, "features each fc dense layer adds", name="--fc_densenet_growth", **_DENSE)
+    learnable_concat: bool = flag(True, "learn the concatenation weights eta1, eta2", name="--learnable_concat", arch=True)
+    lip_coeff: float = flag(0.98, "dense layers' concatenation weights satisfy eta1^2 + eta2^2 = lip-coeff^2",
+                            range=_LIP_COEFF)
 
-    # Names of the fields that fix the architecture (state_dict keys and shapes). n_samples sizes only the
-    # last_n_samples record, which a resume with another --n-samples rebuilds (as the paper's code does).
-    ARCH_FIELDS = (
-        "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
-        "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels",
-        "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
-        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
-    )
+    # Names of the fields that fix the architecture (set below the class, from the fields' arch=True).
+    ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(i) for i in self.input_size)  # type: ignore[assignment]
@@ -257,11 +168,11 @@ class ModelConfig:
         self.vnorms = parse_vnorms(self.vnorms)
         self.normalize_mean = tuple(float(m) for m in self.normalize_mean)
         self.normalize_std = tuple(float(s) for s in self.normalize_std)
-        self.act = ACTIVATION_ALIASES.get(self.act, self.act)  # the fork's spellings (CLipSwish)
+        self.act = parse_act(self.act)
         self.validate()
 
     def validate(self) -> None:
-        check_fields(self, MODEL_RULES)
+        check_fields(self)
         if len(self.input_size) != 3:
             raise ConfigError(f"input_size must be (channels, height, width), got {self.input_size}")
         if self.block not in ("resblock", "coupling"):
@@ -291,12 +202,9 @@ class ModelConfig:
             raise ConfigError("--learn-p is not available with --densenet True (dense branches use the first --vnorms order); drop --learn-p")
         if self.dropout:
             raise ConfigError("--dropout is not used by dense branches; drop it with --densenet True")
-        for flag, v in (("--densenet_depth", self.densenet_depth), ("--densenet_growth", self.densenet_growth),
-                        ("--fc_densenet_growth", self.fc_densenet_growth)):
-            if v < 1:
-                raise ConfigError(f"{flag} must be a positive integer, got {v}")
-            if self.act == "clipswish" and v % 2 and flag != "--densenet_depth":
-                raise ConfigError(f"{flag} must be even with --act CLipSwish (each conv gives half the channels, "
+        for name, v in (("--densenet_growth", self.densenet_growth), ("--fc_densenet_growth", self.fc_densenet_growth)):
+            if self.act == "clipswish" and v % 2:  # (that they are >= 1 is their declared range)
+                raise ConfigError(f"{name} must be even with --act CLipSwish (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
@@ -321,103 +229,121 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+ModelConfig.ARCH_FIELDS = names_where(ModelConfig, "arch")
+
+
+def _model(name: str) -> Any:
+    """ModelConfig's field ``name`` (default and flag), held by TrainConfig under the same name."""
+    return same_flag(ModelConfig, name)
+
+
 @dataclass
 class TrainConfig:
-    """Every ``train_img.py`` flag (SPEC section 1) plus ours, typed. Field names are the paper's
-    argparse destinations, so a paper checkpoint's ``args`` maps onto it directly."""
+    """Every ``train_img.py`` flag (SPEC section 1) plus ours, typed, in ``--help`` order. Field names are the
+    paper's argparse destinations, so a paper checkpoint's ``args`` maps onto it directly. The model's
+    settings are ModelConfig's fields (``_model``), except the three given as strings on the command line."""
 
-    data: str = "cifar10"
-    dataroot: str = "data"
-    imagesize: Optional[int] = None  # None: 32 (the paper's default) for every paper dataset, 8 for digits
-    nbits: int = 8
-    block: str = "resblock"
-    coeff: float = 0.98
-    vnorms: str = "2222"
-    n_lipschitz_iters: Optional[int] = None
-    sn_tol: float = 1e-3
-    learn_p: bool = False
-    n_power_series: Optional[int] = None
-    factor_out: bool = False
-    n_dist: str = "poisson"
-    n_samples: int = 1
-    n_exact_terms: int = 2
-    var_reduc_lr: float = 0.0
-    neumann_grad: bool = True
-    mem_eff: bool = True
-    act: str = "swish"
-    idim: int = 512
-    nblocks: str = "16-16-16"
-    squeeze_first: bool = False
-    actnorm: bool = True
-    fc_actnorm: bool = False
-    batchnorm: bool = False
-    dropout: float = 0.0
-    fc: bool = False
-    kernels: str = "3-1-3"
-    logit_transform: bool = True
-    add_noise: bool = True
-    dequant: str = "exact"  # ours: 'paper' reproduces the paper's overlapping 5-bit bins (--nbits < 8)
-    quadratic: bool = False
-    fc_end: bool = True
-    fc_idim: int = 128
-    preact: bool = True
-    padding: int = 0
-    padding_dist: str = "uniform"
-    first_resblock: bool = True
-    cdim: int = 256
-    optimizer: str = "adam"
-    scheduler: bool = False
-    nepochs: int = 1000
-    batchsize: int = 64
-    lr: float = 1e-3
-    wd: float = 0.0
-    warmup_iters: int = 1000
-    annealing_iters: int = 0
-    save: str = "experiment1"
-    val_batchsize: int = 200
-    seed: Optional[int] = None
-    ema_val: bool = True
-    update_freq: int = 1
-    task: str = "density"
-    scale_dim: bool = False
-    rcrop_pad_mode: str = "reflect"
-    resume: Optional[str] = None
-    begin_epoch: int = 0
-    nworkers: int = 4
-    print_freq: int = 20
-    vis_freq: int = 500
+    data: str = flag("cifar10", "dataset (digits: scikit-learn's 8x8 digits, offline)", choices=tuple(DATASETS), arch=True)
+    dataroot: str = flag("data", "dataset root; .pth datasets live under it", run=True)
+    # None: 32 (the paper's default) for every paper dataset, 8 for digits
+    imagesize: Optional[int] = flag(None, "resize to this size (default 32 as the paper; digits: 8)", range=POSITIVE, arch=True)
+    nbits: int = flag(8, "bit depth for celebahq", range=Range(1, 8, why="the images have 8 bits per channel"), arch=True)
+    block: str = _model("block")
+    coeff: float = _model("coeff")
+    vnorms: str = flag("2222", "norm orders p0..pL along each residual branch (f = inf)", arch=True)
+    n_lipschitz_iters: Optional[int] = _model("n_lipschitz_iters")
+    sn_tol: float = _model("sn_tol")
+    learn_p: bool = _model("learn_p")
+    n_power_series: Optional[int] = _model("n_power_series")
+    factor_out: bool = _model("factor_out")
+    n_dist: str = _model("n_dist")
+    n_samples: int = _model("n_samples")
+    n_exact_terms: int = _model("n_exact_terms")
+    var_reduc_lr: float = flag(0.0, "accepted for compatibility; unused", range=NON_NEGATIVE)
+    neumann_grad: bool = _model("neumann_grad")
+    mem_eff: bool = _model("mem_eff")
+    act: str = _model("act")
+    idim: int = _model("idim")
+    nblocks: str = flag("16-16-16", "residual blocks per scale, e.g. 16-16-16", arch=True)
+    squeeze_first: bool = _model("squeeze_first")
+    actnorm: bool = _model("actnorm")
+    fc_actnorm: bool = _model("fc_actnorm")
+    batchnorm: bool = _model("batchnorm")
+    dropout: float = _model("dropout")
+    fc: bool = _model("fc")
+    kernels: str = flag("3-1-3", "kernel sizes of each residual branch, e.g. 3-1-3", arch=True)
+    logit_transform: bool = flag(True, arch=True)
+    add_noise: bool = flag(True, "uniform dequantisation")
+    # ours: 'paper' reproduces the paper's overlapping 5-bit bins (--nbits < 8)
+    dequant: str = flag("exact", "with --nbits < 8: exact (k + u) / nvals, or the paper's ((nvals - 1) k / nvals + u) / nvals",
+                        choices=("exact", "paper"))
+    quadratic: bool = _model("quadratic")
+    fc_end: bool = _model("fc_end")
+    fc_idim: int = _model("fc_idim")
+    preact: bool = _model("preact")
+    padding: int = flag(0, "extra noise channels appended to the input", range=NON_NEGATIVE, arch=True)
+    padding_dist: str = flag("uniform", choices=("uniform", "gaussian"))
+    first_resblock: bool = _model("first_resblock")
+    cdim: int = _model("cdim")
+    optimizer: str = flag("adam", choices=("adam", "adamax", "rmsprop", "sgd"))
+    scheduler: bool = flag(False, "cosine warm restarts (adam) / steps at 60-120-160 (sgd) after warm-up")
+    nepochs: int = flag(1000, range=POSITIVE)
+    batchsize: int = flag(64, "global batch size (split across torchrun ranks)", type=positive_int, range=POSITIVE)
+    lr: float = flag(1e-3, range=Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"))
+    wd: float = flag(0.0, "weight decay (decoupled for adam)", range=NON_NEGATIVE)
+    warmup_iters: int = flag(1000, range=NON_NEGATIVE)
+    annealing_iters: int = flag(0, range=NON_NEGATIVE)
+    save: str = flag("experiment1", "output folder", run=True)
+    val_batchsize: int = flag(200, type=positive_int, range=POSITIVE)
+    seed: Optional[int] = flag(None, range=Range(0, 2**32 - 1))
+    ema_val: bool = flag(True, "validate with the EMA weights")
+    update_freq: int = flag(1, "gradient accumulation steps", type=positive_int, range=POSITIVE)
+    task: str = flag("density", choices=("density", "classification", "hybrid"), arch=True)
+    scale_dim: bool = flag(False)
+    rcrop_pad_mode: str = flag("reflect", choices=("constant", "edge", "reflect", "symmetric"))
+    resume: Optional[str] = flag(None, "checkpoint to resume from, or to evaluate / sample from", run=True)
+    begin_epoch: int = flag(0, range=NON_NEGATIVE)
+    nworkers: int = flag(4, range=NON_NEGATIVE, run=True)
+    print_freq: int = flag(20, type=positive_int, range=POSITIVE)
+    vis_freq: int = flag(500, type=positive_int, range=POSITIVE)
     # The i-DenseNets fork's flags (its names; densenet off here so the paper's commands are unchanged).
-    densenet: bool = False
-    densenet_depth: int = 3
-    densenet_growth: int = 172
-    fc_densenet_growth: int = 32
-    learnable_concat: bool = True
-    start_learnable_concat: int = 25
-    lip_coeff: float = 0.98
-    # Ours.
-    max_iters: Optional[int] = None
-    evaluate: bool = False
-    sample: int = 0
-    temp: float = 1.0
-    nrow: Optional[int] = None
-    device: str = "auto"
-    tf32: bool = False  # ours: TF32 convolutions / matmuls on GPUs that have them (the paper ran full float32)
-    compile: bool = False
-    inverse: str = "fixed-point"  # sampling: the paper's fixed-point iteration, or "anderson" (fewer evaluations)
+    densenet: bool = _model("densenet")
+    densenet_depth: int = _model("densenet_depth")
+    densenet_growth: int = _model("densenet_growth")
+    fc_densenet_growth: int = _model("fc_densenet_growth")
+    learnable_concat: bool = _model("learnable_concat")
+    start_learnable_concat: int = flag(25, "epochs during which the concatenation weights are reset after every step",
+                                       name="--start_learnable_concat", type=nonnegative_int, range=NON_NEGATIVE)
+    lip_coeff: float = _model("lip_coeff")
+    # Ours. run=True: flags of this invocation or machine, always taken from the command line on --resume.
+    max_iters: Optional[int] = flag(None, "stop after this many optimizer steps", range=POSITIVE, run=True)
+    evaluate: bool = flag(False, "with --resume: report test bits/dim and exit", store_true=True, run=True)
+    sample: int = flag(0, "with --resume: write a grid of N samples and exit", metavar="N", range=NON_NEGATIVE, run=True)
+    temp: float = flag(1.0, "sampling temperature (std of z)", range=Range(0, lo_open=True), run=True)
+    nrow: Optional[int] = flag(None, "images per row of the sample grid", range=POSITIVE, run=True)
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N", run=True)
+    # ours: TF32 convolutions / matmuls on GPUs that have them (the paper ran full float32)
+    tf32: bool = flag(False, "allow TF32 convolutions and matmuls on GPUs (default: full float32, as the paper)", run=True)
+    # sampling: the paper's fixed-point iteration, or "anderson" (fewer evaluations)
+    inverse: str = flag("fixed-point", "how samples and reconstructions invert each residual block: the paper's fixed-point "
+                        "iteration, or Anderson acceleration (same stopping rule, fewer network evaluations)",
+                        choices=("fixed-point", "anderson"), run=True)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Types and ranges of every field (:data:`TRAIN_RULES`) and the checks that involve two flags;
-        raises :class:`ConfigError`. Choices of the string flags are checked by ``resflows.cli.validate_config``."""
-        check_fields(self, TRAIN_RULES)
+        """Types, ranges and choices of every field (the same rules as the command line, for a config read
+        from a checkpoint too) and the checks that involve two flags; raises :class:`ConfigError`."""
+        check_fields(self)
         if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
             raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
+        check_choices(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
+        """From ``to_dict()``; keys that are not fields (such as ``compile``, written by older versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -425,38 +351,11 @@ class TrainConfig:
         """Map the ``argparse.Namespace`` saved in a paper checkpoint (read as a dict) onto our config.
         Unknown keys are ignored; values keep their meaning (SPEC section 1)."""
         cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
-        cfg.act = ACTIVATION_ALIASES.get(cfg.act, cfg.act)  # the i-DenseNets fork saved --act CLipSwish
+        cfg.act = parse_act(cfg.act)  # the i-DenseNets fork saved --act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg
 
 
-# Ranges of every numeric field (a test checks that none is missing). Integers: POSITIVE (>= 1) or
-# NON_NEGATIVE (>= 0); numbers are always finite.
-_UNIT_OPEN = Range(0, 1, lo_open=True, hi_open=True)
-_COEFF = Range(0, 1, lo_open=True, hi_open=True, why="a residual block is invertible only when its Lipschitz constant is below 1")
-_DROPOUT = Range(0, 1, hi_open=True)
-_TOL = Range(0, 1, lo_open=True)
-_LIP_COEFF = Range(0, 1, lo_open=True, why="each dense layer's Lipschitz constant must stay at most 1")
-
-TRAIN_RULES: Dict[str, Range] = {
-    "imagesize": POSITIVE, "nbits": Range(1, 8, why="the images have 8 bits per channel"), "coeff": _COEFF,
-    "n_lipschitz_iters": POSITIVE, "sn_tol": _TOL, "n_power_series": POSITIVE, "n_samples": POSITIVE,
-    "n_exact_terms": NON_NEGATIVE, "var_reduc_lr": NON_NEGATIVE, "idim": POSITIVE, "dropout": _DROPOUT,
-    "fc_idim": POSITIVE, "padding": NON_NEGATIVE, "cdim": POSITIVE, "nepochs": POSITIVE, "batchsize": POSITIVE,
-    "lr": Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"), "wd": NON_NEGATIVE,
-    "warmup_iters": NON_NEGATIVE, "annealing_iters": NON_NEGATIVE, "val_batchsize": POSITIVE,
-    "seed": Range(0, 2**32 - 1), "update_freq": POSITIVE, "begin_epoch": NON_NEGATIVE, "nworkers": NON_NEGATIVE,
-    "print_freq": POSITIVE, "vis_freq": POSITIVE, "max_iters": POSITIVE, "sample": NON_NEGATIVE,
-    "temp": Range(0, lo_open=True), "nrow": POSITIVE,
-    "densenet_depth": POSITIVE, "densenet_growth": POSITIVE, "fc_densenet_growth": POSITIVE,
-    "start_learnable_concat": NON_NEGATIVE, "lip_coeff": _LIP_COEFF,
-}
-
-MODEL_RULES: Dict[str, Range] = {
-    "input_size": POSITIVE, "nblocks": POSITIVE, "idim": POSITIVE, "logit_alpha": Range(0, 0.5, lo_open=True, hi_open=True),
-    "normalize_mean": Range(), "normalize_std": Range(0, lo_open=True), "dropout": _DROPOUT, "coeff": _COEFF,
-    "n_lipschitz_iters": POSITIVE, "sn_tol": _TOL, "n_power_series": POSITIVE, "n_samples": POSITIVE,
-    "n_exact_terms": NON_NEGATIVE, "kernels": POSITIVE, "fc_nblocks": NON_NEGATIVE, "fc_idim": POSITIVE,
-    "n_classes": POSITIVE, "cdim": POSITIVE,
-    "densenet_depth": POSITIVE, "densenet_growth": POSITIVE, "fc_densenet_growth": POSITIVE, "lip_coeff": _LIP_COEFF,
-}
+# The range tables, derived from the fields (a test checks that every numeric field has one).
+TRAIN_RULES: Dict[str, Range] = rules_of(TrainConfig)
+MODEL_RULES: Dict[str, Range] = rules_of(ModelConfig)

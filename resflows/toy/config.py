@@ -5,10 +5,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag_name, format_vnorms, parse_int_tuple, parse_vnorms
+from ..config import format_vnorms, parse_int_tuple, parse_vnorms
+from ..flags import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag, rules_of
 from .data import DATASETS
 
-__all__ = ["ToyConfig", "TOY_ACTIVATIONS"]
+__all__ = ["ToyConfig", "TOY_ACTIVATIONS", "TOY_RULES"]
 
 # The paper's toy `--act` choices (all in resflows.layers.ACTIVATIONS).
 TOY_ACTIVATIONS = ("relu", "tanh", "elu", "selu", "fullsort", "maxmin", "swish", "lcube")
@@ -18,41 +19,49 @@ TOY_ACTIVATIONS = ("relu", "tanh", "elu", "selu", "fullsort", "maxmin", "swish",
 class ToyConfig:
     """Every ``train_toy.py`` flag, typed. Field names are the paper's argparse destinations."""
 
-    data: str = "pinwheel"
-    arch: str = "iresnet"
-    coeff: float = 0.9
-    vnorms: Tuple[float, ...] = (2.0,) * 6
-    n_lipschitz_iters: Optional[int] = 5
-    atol: Optional[float] = None
-    rtol: Optional[float] = None
-    learn_p: bool = False
-    mixed: bool = True
-    dims: Tuple[int, ...] = (128, 128, 128, 128)
-    act: str = "swish"
-    nblocks: int = 100
-    brute_force: bool = False
-    actnorm: bool = False
-    batchnorm: bool = False
-    exact_trace: bool = False
-    n_power_series: Optional[int] = None
-    n_samples: int = 1
-    n_dist: str = "geometric"
-    niters: int = 50000
-    batch_size: int = 500
-    test_batch_size: int = 10000
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    annealing_iters: int = 0
-    save: str = "experiments/iresnet_toy"
-    viz_freq: int = 100
-    val_freq: int = 100
-    log_freq: int = 10
-    gpu: int = 0
-    seed: int = 0
+    data: str = flag("pinwheel", "toy density (fresh samples every batch)", choices=tuple(DATASETS))
+    arch: str = flag("iresnet", choices=("iresnet", "realnvp"))
+    # Checked in validate (below 1 only for the residual architecture); here only finite.
+    coeff: float = flag(0.9, "Lipschitz target of every normalised linear layer", range=Range())
+    # Orders 1..9 or infinity, checked by parse_vnorms.
+    vnorms: Tuple[float, ...] = flag((2.0,) * 6, "norm orders p0..pL along each residual net (f = inf); len(dims) + 2 orders "
+                                     "(extra ones are ignored)")
+    n_lipschitz_iters: Optional[int] = flag(5, "power iterations per step; None = to --atol/--rtol", range=POSITIVE)
+    atol: Optional[float] = flag(None, "power-iteration tolerance when --n-lipschitz-iters None (default 1e-3)",
+                                 range=Range(0, lo_open=True))
+    rtol: Optional[float] = flag(None, "power-iteration tolerance when --n-lipschitz-iters None (default 1e-3)",
+                                 range=Range(0, lo_open=True))
+    learn_p: bool = flag(False, "learn the norm orders")
+    mixed: bool = flag(True, "with --learn-p: one learned order per position (True) or one shared by every layer (False)")
+    dims: Tuple[int, ...] = flag((128, 128, 128, 128), "hidden widths of each residual / coupling net", range=POSITIVE)
+    act: str = flag("swish", "swish means LipSwish", choices=TOY_ACTIVATIONS)
+    nblocks: int = flag(100, range=POSITIVE)
+    brute_force: bool = flag(False, "exact log-det in training too")
+    actnorm: bool = flag(False)
+    batchnorm: bool = flag(False, "mean-only moving batch norm after each block")
+    exact_trace: bool = flag(False, "power series with exact traces of J^k")
+    n_power_series: Optional[int] = flag(None, "None = unbiased Russian roulette; int = truncated series", range=POSITIVE)
+    n_samples: int = flag(1, "draws of the series length N", range=POSITIVE)
+    n_dist: str = flag("geometric", choices=("geometric", "poisson"))
+    niters: int = flag(50000, range=POSITIVE)
+    # The paper's toy script spells these flags with underscores.
+    batch_size: int = flag(500, name="--batch_size", range=POSITIVE)
+    test_batch_size: int = flag(10000, "size of the fixed test set", name="--test_batch_size", range=POSITIVE)
+    lr: float = flag(1e-3, range=Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"))
+    weight_decay: float = flag(1e-5, "decoupled weight decay (AdamW)", range=NON_NEGATIVE)
+    annealing_iters: int = flag(0, "anneal the log-det weight to 1 over this many iterations", range=NON_NEGATIVE)
+    save: str = flag("experiments/iresnet_toy", "output folder")
+    viz_freq: int = flag(100, "write SAVE/figs/ITER.png every N iterations (and at iteration 1)", name="--viz_freq",
+                         range=POSITIVE)
+    val_freq: int = flag(100, name="--val_freq", range=POSITIVE)
+    log_freq: int = flag(10, name="--log_freq", range=POSITIVE)
+    gpu: int = flag(0, "use cuda:GPU when CUDA is available, else the CPU", range=NON_NEGATIVE)
+    seed: int = flag(0, range=Range(0, 2**32 - 1))
     # Ours: figure resolution (grid side and histogram bins) and number of model samples (None: npts^2,
     # as the paper). Lower them on a CPU: every sample goes through the fixed-point inverse of every block.
-    viz_npts: int = 400
-    viz_samples: Optional[int] = None
+    viz_npts: int = flag(400, "grid side of the density panel and bins of the histograms", name="--viz_npts", range=POSITIVE)
+    viz_samples: Optional[int] = flag(None, "model samples in the figure (None: viz_npts^2)", name="--viz_samples",
+                                      range=POSITIVE)
 
     def __post_init__(self) -> None:
         self.dims = parse_int_tuple(self.dims, "--dims")
@@ -84,7 +93,7 @@ class ToyConfig:
         return dict(n_iterations=None, atol=self.atol, rtol=self.rtol)
 
     def validate(self) -> None:
-        check_fields(self, TOY_RULES, _toy_flag)
+        check_fields(self)
         if self.data not in DATASETS:
             raise ConfigError(f"--data must be one of {', '.join(DATASETS)}; got {self.data!r}")
         if self.arch not in ("iresnet", "realnvp"):
@@ -123,20 +132,5 @@ class ToyConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# Ranges of every numeric flag (the same mechanism as train_img.py's; --coeff is checked in validate, since
-# only the residual architecture needs it below 1; --vnorms by parse_vnorms).
-TOY_RULES: Dict[str, Range] = {
-    "n_lipschitz_iters": POSITIVE, "atol": Range(0, lo_open=True), "rtol": Range(0, lo_open=True), "dims": POSITIVE,
-    "nblocks": POSITIVE, "n_power_series": POSITIVE, "n_samples": POSITIVE, "niters": POSITIVE, "batch_size": POSITIVE,
-    "test_batch_size": POSITIVE, "lr": Range(0, 10, lo_open=True, why="larger steps overflow the optimiser"),
-    "weight_decay": NON_NEGATIVE, "annealing_iters": NON_NEGATIVE, "viz_freq": POSITIVE, "val_freq": POSITIVE,
-    "log_freq": POSITIVE, "gpu": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "viz_npts": POSITIVE, "viz_samples": POSITIVE,
-    "coeff": Range(),
-}
-
-# The paper's toy flags spelled with underscores.
-_UNDERSCORE_FLAGS = ("batch_size", "test_batch_size", "viz_freq", "val_freq", "log_freq", "viz_npts", "viz_samples")
-
-
-def _toy_flag(name: str) -> str:
-    return f"--{name}" if name in _UNDERSCORE_FLAGS else flag_name(name)
+# The range table, derived from the fields (a test checks that every numeric field has one).
+TOY_RULES: Dict[str, Range] = rules_of(ToyConfig)
