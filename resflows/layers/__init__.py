@@ -6,6 +6,7 @@ from .base import FlowLayer, SequentialFlow
 from .coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
 from .dense import LipschitzDenseLayer
 from .elemwise import LogitTransform, Normalize
+from .fc import FCNet, FCWrapper
 from .glow import InvertibleConv2d, InvertibleLinear
 from .iresblock import InverseNotConvergedWarning, iResBlock
 from .lipschitz import (
@@ -29,5 +30,5 @@ __all__ = [
     "ActNorm1d", "ActNorm2d", "SqueezeLayer", "LogitTransform", "Normalize",
     "MovingBatchNorm1d", "MovingBatchNorm2d", "InvertibleLinear", "InvertibleConv2d",
     "CouplingBlock", "ChannelCouplingBlock", "MaskedCouplingBlock",
-    "LipschitzDenseLayer", "LeakyLSwish",
+    "LipschitzDenseLayer", "LeakyLSwish", "FCNet", "FCWrapper",
 ]
