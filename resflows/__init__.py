@@ -13,7 +13,7 @@ and torch only, not the checkpoint, config and training modules.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -33,13 +33,6 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ resolves these
-    from .checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-    from .config import ConfigError, ModelConfig, TrainConfig
-    from .exact import exact_logdet
-    from .losses import bits_per_dim, standard_normal_logprob
-    from .model import ResidualFlow
 
 
 def __getattr__(name: str) -> Any:
