@@ -1,11 +1,11 @@
-"""Factories shared by the scripts: a TrainConfig (the paper's flags) -> ModelConfig -> model."""
+"""Factories shared by the scripts: a TrainConfig (the paper's flags) -> ModelConfig (build the model with
+``ResidualFlow(model_config_from(cfg))``)."""
 from __future__ import annotations
 
 from .config import ModelConfig, TrainConfig, parse_int_tuple, parse_vnorms
 from .datasets import get_spec
-from .model import ResidualFlow
 
-__all__ = ["model_config_from", "build_model", "image_size", "nvals_of"]
+__all__ = ["model_config_from", "image_size", "nvals_of"]
 
 
 def image_size(cfg: TrainConfig) -> int:
@@ -70,7 +70,3 @@ def model_config_from(cfg: TrainConfig) -> ModelConfig:
         learnable_concat=cfg.learnable_concat,
         lip_coeff=cfg.lip_coeff,
     )
-
-
-def build_model(cfg: TrainConfig) -> ResidualFlow:
-    return ResidualFlow(model_config_from(cfg))
