@@ -5,10 +5,9 @@ A plain ``python train_img.py`` run is a world of size 1 and every helper here i
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,6 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "broadcast_buffers",
-    "any_rank",
     "ResumableDistributedSampler",
     "ShardSampler",
 ]
@@ -94,15 +92,6 @@ def all_reduce_mean(values: Dict[str, float], device: torch.device) -> Dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (used to stop all ranks at the same step)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 @torch.no_grad()

@@ -1,13 +1,13 @@
-"""Factories shared by the scripts: a TrainConfig (the paper's flags) -> ModelConfig -> model."""
+"""Factories shared by the scripts: a TrainConfig (the paper's flags) -> ModelConfig (build the model with
+``ResidualFlow(model_config_from(cfg))``)."""
 from __future__ import annotations
 
 import dataclasses
 
 from .config import ModelConfig, TrainConfig
 from .datasets import get_spec
-from .model import ResidualFlow
 
-__all__ = ["model_config_from", "build_model", "image_size", "nvals_of"]
+__all__ = ["model_config_from", "image_size", "nvals_of"]
 
 
 def image_size(cfg: TrainConfig) -> int:
@@ -42,7 +42,3 @@ def model_config_from(cfg: TrainConfig) -> ModelConfig:
         classification=cfg.task in ("classification", "hybrid"),
         n_classes=spec.n_classes,
     )
-
-
-def build_model(cfg: TrainConfig) -> ResidualFlow:
-    return ResidualFlow(model_config_from(cfg))

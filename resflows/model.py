@@ -9,7 +9,7 @@ load with ``strict=True``.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,8 @@ from .layers import (
     ActNorm2d,
     ChannelCouplingBlock,
     CouplingBlock,
+    FCNet,
+    FCWrapper,
     InvertibleConv2d,
     InvertibleLinear,
     LogitTransform,
@@ -32,21 +34,18 @@ from .layers import (
     get_conv2d,
     get_linear,
     iResBlock,
-    lipschitz_layers,
     make_activation,
-    update_lipschitz,
 )
-from .layers import linearize
-from .layers.base import FlowLayer, zeros_logdet
+from .layers.base import zeros_logdet
 from .layers.coupling import coupling_split
-from .layers.dense import LipschitzDenseLayer, dense_conv_layers, dense_fc_layers
-from .layers.lipschitz import _LipschitzMap
+from .layers.dense import dense_conv_layers, dense_fc_layers
 from .layers.squeeze import squeeze, unsqueeze
+from .layers.upkeep import FlowUpkeep
 
 Tensor = torch.Tensor
 Size = Tuple[int, int, int]
 
-__all__ = ["ResidualFlow", "FCNet", "FCWrapper", "n_scales"]
+__all__ = ["ResidualFlow", "n_scales"]
 
 
 def n_scales(h: int, w: int) -> int:
@@ -56,79 +55,6 @@ def n_scales(h: int, w: int) -> int:
         n += 1
         h, w = h // 2, w // 2
     return n
-
-
-class FCWrapper(FlowLayer):
-    """Applies a flow layer on ``[B, D]`` to a ``[B, C, H, W]`` tensor by flattening."""
-
-    def __init__(self, fc_module: nn.Module):
-        super().__init__()
-        self.fc_module = fc_module
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        y, logdet = self.fc_module(x.reshape(x.shape[0], -1))
-        return y.reshape(x.shape), logdet
-
-    def inverse(self, y: Tensor) -> Tuple[Tensor, Tensor]:
-        x, logdet = self.fc_module.inverse(y.reshape(y.shape[0], -1))
-        return x.reshape(y.shape), logdet
-
-    def transform(self, x: Tensor) -> Tensor:
-        return self.fc_module.transform(x.reshape(x.shape[0], -1)).reshape(x.shape)
-
-    def invert(self, y: Tensor) -> Tensor:
-        return self.fc_module.invert(y.reshape(y.shape[0], -1)).reshape(y.shape)
-
-
-class FCNet(nn.Module):
-    """Fully connected residual branch on a flattened ``[B, C, H, W]`` input, output reshaped to
-    ``out_shape``: ``[act] Linear(D_in, idim) act ... Linear(idim, D_out)``."""
-
-    def __init__(
-        self,
-        in_shape: Size,
-        out_shape: Size,
-        idim: int,
-        nhidden: int,
-        act: str,
-        preact: bool,
-        dropout: float,
-        linear_factory,
-    ):
-        super().__init__()
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        layers: List[nn.Module] = []
-        mult = 1
-        if preact:
-            layers.append(make_activation(act))
-            mult = getattr(layers[-1], "out_multiplier", 1)
-        last = math.prod(in_shape)
-        for i in range(nhidden):
-            layers.append(linear_factory(i, last * mult, idim))
-            layers.append(make_activation(act))
-            mult = getattr(layers[-1], "out_multiplier", 1)
-            last = idim
-        if dropout:
-            layers.append(nn.Dropout(dropout))
-        layers.append(linear_factory(nhidden, last * mult, math.prod(out_shape)))
-        self.nnet = nn.Sequential(*layers)
-
-    @classmethod
-    def wrap(cls, in_shape: Size, out_shape: Size, nnet: nn.Sequential) -> "FCNet":
-        """An FCNet around ready-made layers (the fully connected dense branches)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        self.nnet = nnet
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.nnet(x.reshape(x.shape[0], -1))
-        return y.reshape(y.shape[0], *self.out_shape)
-
-
-# The same map for the hand-written linearisation of residual branches (see resflows.layers.linearize).
-linearize.register(FCNet, linearize.flattened(lambda m: m.nnet, lambda m: m.out_shape))
 
 
 class _HeadActNorm(ActNorm2d):
@@ -193,14 +119,22 @@ class _StackBuilder:
 
             nnet = FCNet(size, size, idim, len(c.kernels) - 1, c.act, c.preact, c.dropout, linear)
             return self.iresblock(nnet)
-        ks = c.kernels
         ch, h, w = size
-        layers: List[nn.Module] = []
-        mult = 1
 
         def conv(i, n_in, n_out, k):
             return get_conv2d(n_in, n_out, k, 1, k // 2, domain=domains[i], codomain=codomains[i],
                               spatial_dims=(h, w), **self._lip_kwargs())
+
+        return self.iresblock(self.conv_branch(ch, ch, idim, ch, first, conv))
+
+    def conv_branch(self, pre_channels: int, n_in: int, idim: int, n_out: int, first: bool, conv) -> nn.Sequential:
+        """``[bn] [act] conv(n_in, idim) [bn] act ... [dropout] conv(idim, n_out) [bn]`` over ``--kernels``, with
+        ``conv(i, n_in, n_out, k)`` building the i-th convolution (normalised in residual blocks, plain in coupling
+        blocks). The pre-activation (not on the first block) normalises ``pre_channels`` (as the paper)."""
+        c = self.cfg
+        ks = c.kernels
+        layers: List[nn.Module] = []
+        mult = 1
 
         def act():
             nonlocal mult
@@ -209,9 +143,9 @@ class _StackBuilder:
 
         if not first and c.preact:
             if c.batchnorm:
-                layers.append(MovingBatchNorm2d(ch))
+                layers.append(MovingBatchNorm2d(pre_channels))
             act()
-        layers.append(conv(0, ch * mult, idim, ks[0]))
+        layers.append(conv(0, n_in * mult, idim, ks[0]))
         if c.batchnorm:
             layers.append(MovingBatchNorm2d(idim))
         act()
@@ -222,10 +156,10 @@ class _StackBuilder:
             act()
         if c.dropout:
             layers.append(nn.Dropout2d(c.dropout))
-        layers.append(conv(len(ks) - 1, idim * mult, ch, ks[-1]))
+        layers.append(conv(len(ks) - 1, idim * mult, n_out, ks[-1]))
         if c.batchnorm:
-            layers.append(MovingBatchNorm2d(ch))
-        return self.iresblock(nn.Sequential(*layers))
+            layers.append(MovingBatchNorm2d(n_out))  # the paper's coupling code used C here, which crashes for checkerboard
+        return nn.Sequential(*layers)
 
     def dense_branch(self, size: Size, fc: bool) -> nn.Module:
         """The i-DenseNets branch (resflows/layers/dense.py): no pre-activation, --kernels unused; convs
@@ -262,34 +196,11 @@ class _StackBuilder:
         else:
             na, nb = coupling_split(ch, swap)
             n_in, n_out = na, 2 * nb
-        ks = c.kernels
-        layers: List[nn.Module] = []
-        mult = 1
 
-        def act():
-            nonlocal mult
-            layers.append(make_activation(c.act))
-            mult = getattr(layers[-1], "out_multiplier", 1)
+        def conv(i, n_in, n_out, k):
+            return nn.Conv2d(n_in, n_out, k, 1, k // 2)
 
-        if not first and c.preact:
-            if c.batchnorm:
-                layers.append(MovingBatchNorm2d(ch))
-            act()
-        layers.append(nn.Conv2d(n_in * mult, idim, ks[0], 1, ks[0] // 2))
-        if c.batchnorm:
-            layers.append(MovingBatchNorm2d(idim))
-        act()
-        for k in ks[1:-1]:
-            layers.append(nn.Conv2d(idim * mult, idim, k, 1, k // 2))
-            if c.batchnorm:
-                layers.append(MovingBatchNorm2d(idim))
-            act()
-        if c.dropout:
-            layers.append(nn.Dropout2d(c.dropout))
-        layers.append(nn.Conv2d(idim * mult, n_out, ks[-1], 1, ks[-1] // 2))
-        if c.batchnorm:
-            layers.append(MovingBatchNorm2d(n_out))  # the paper's code used C here, which crashes for checkerboard
-        nnet = nn.Sequential(*layers)
+        nnet = self.conv_branch(ch, n_in, idim, n_out, first, conv)
         if checkerboard:
             return MaskedCouplingBlock(ch, nnet, mask_type="checkerboard1" if swap else "checkerboard0")
         return ChannelCouplingBlock(ch, nnet, mask_type="channel1" if swap else "channel0")
@@ -335,7 +246,7 @@ class _StackBuilder:
         return SequentialFlow(chain)
 
 
-class ResidualFlow(nn.Module):
+class ResidualFlow(FlowUpkeep):
     """Multiscale Residual Flow.
 
     ``model(x)`` returns ``(z, logdet)``: ``z`` is ``[B, D]`` in the paper's order (factored-out parts
@@ -500,63 +411,13 @@ class ResidualFlow(nn.Module):
             x = unsqueeze(x, 2)
         return x
 
-    def set_inverse_method(self, method: str) -> None:
-        """``'fixed-point'`` (the paper's iteration) or ``'anderson'`` in every residual block's inverse."""
-        if method not in ("fixed-point", "anderson"):
-            raise ValueError(f"inverse method must be 'fixed-point' or 'anderson', got {method!r}")
-        for block in self.iresblocks():
-            block.inverse_method = method
-
-    # -- maintenance ------------------------------------------------------------------------
-    def update_lipschitz(self, n_iterations: Optional[int] = None, atol: Optional[float] = None,
-                         rtol: Optional[float] = None, max_iterations: int = 200) -> int:
-        """Power iterations on every normalised layer (after each optimiser step), warm-started.
-        Defaults: ``--n-lipschitz-iters`` if set, else iterate to ``--sn-tol``."""
-        if n_iterations is None and atol is None and rtol is None:
-            n_iterations = self.config.n_lipschitz_iters
-            if n_iterations is None:
-                atol = rtol = self.config.sn_tol
-        return update_lipschitz(lipschitz_layers(self), n_iterations, atol, rtol, max_iterations)
-
-    def lipschitz_constants(self) -> Dict[str, float]:
-        """Lipschitz bound of every normalised layer: min(sigma, coeff) from the stored estimate."""
-        return {n: m.lipschitz_constant() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
-
-    def spectral_estimates(self) -> Dict[str, float]:
-        """The stored operator-norm estimates ``scale`` (sigma of the raw weight) of every normalised layer."""
-        return {n: float(m.scale) for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
-
-    def norm_orders(self) -> Dict[str, Tuple[float, float]]:
-        """(domain, codomain) norm orders of every normalised layer."""
-        return {n: m.norm_orders() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
-
-    def estimator_moments(self) -> Dict[str, Tuple[float, float]]:
-        """(first, second) moment of each residual block's last log-det estimate."""
-        return {
-            n: (float(m.last_firmom), float(m.last_secmom))
-            for n, m in self.named_modules()
-            if isinstance(m, iResBlock)
-        }
-
-    def reset_concatenation(self) -> None:
-        """Put every dense layer's concatenation weights K back to their initial value (i-DenseNets
-        do this after each step of the first --start_learnable_concat epochs)."""
-        for m in self.modules():
-            if isinstance(m, LipschitzDenseLayer):
-                m.reset_concat()
-
-    def concatenation_weights(self) -> Dict[str, Tuple[float, float]]:
-        """(eta1, eta2) of every dense layer."""
-        out = {}
-        with torch.no_grad():
-            for n, m in self.named_modules():
-                if isinstance(m, LipschitzDenseLayer):
-                    e1, e2 = m.etas()
-                    out[n] = (float(e1), float(e2))
-        return out
-
-    def iresblocks(self) -> List[iResBlock]:
-        return [m for m in self.modules() if isinstance(m, iResBlock)]
+    # -- maintenance (update_lipschitz, lipschitz_constants, ... come from FlowUpkeep) --------------
+    def lipschitz_defaults(self) -> Dict[str, Optional[float]]:
+        """``--n-lipschitz-iters`` if set, else iterate to ``--sn-tol``."""
+        n = self.config.n_lipschitz_iters
+        if n is not None:
+            return dict(n_iterations=n, atol=None, rtol=None)
+        return dict(n_iterations=None, atol=self.config.sn_tol, rtol=self.config.sn_tol)
 
     @property
     def latent_dim(self) -> int:

@@ -39,7 +39,7 @@ from .distributed import (
     is_distributed,
 )
 from .factory import image_size, model_config_from, nvals_of
-from .layers.lipschitz import _LipschitzMap, norm_order_gradients
+from .layers.lipschitz import LipschitzMap, norm_order_gradients
 from .losses import bits_per_dim, padding_logprob
 from .model import ResidualFlow
 
@@ -76,7 +76,7 @@ class EMA:
     @staticmethod
     def _power_buffers(model: nn.Module):
         for name, m in model.named_modules():
-            if isinstance(m, _LipschitzMap):
+            if isinstance(m, LipschitzMap):
                 for b in ("u", "v", "scale"):
                     if hasattr(m, b):
                         yield f"{name}.{b}" if name else b, getattr(m, b)

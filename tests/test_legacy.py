@@ -1,7 +1,6 @@
 """The paper's own checkpoint (tests/reference/legacy, written by its train_img.py) through our reader."""
 import math
 import os
-import pickle
 import subprocess
 import sys
 import types
@@ -9,9 +8,8 @@ import types
 import pytest
 import torch
 
-import resflows
 from resflows import CheckpointError, bits_per_dim, exact_logdet, load_model, read_checkpoint
-from resflows.legacy import NotACheckpointError, load_paper_checkpoint, read_paper_pickle
+from resflows.legacy import load_paper_checkpoint, read_paper_pickle
 
 
 @pytest.fixture(scope="module")

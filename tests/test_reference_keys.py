@@ -38,9 +38,9 @@ def read_reference(path):
 def _no_power_iterations(monkeypatch):
     # Keys, shapes and dtypes do not depend on the power-iteration vectors' values; skipping their
     # convergence at construction keeps these full-size models fast to build.
-    from resflows.layers.lipschitz import _InducedNorm
+    from resflows.layers.lipschitz import InducedNorm
 
-    monkeypatch.setattr(_InducedNorm, "_converge_from_restarts", lambda self, restarts=10: None)
+    monkeypatch.setattr(InducedNorm, "_converge_from_restarts", lambda self, restarts=10: None)
 
 
 def model_from_argv(argv: str) -> ResidualFlow:

@@ -32,12 +32,12 @@ def _global_mean_var(x_t: Tensor) -> Tuple[Tensor, Tensor]:
 
 class ActNormNd(FlowLayer):
     """``y = (x + bias) * exp(weight)``; the first forward sets ``bias = -mean`` and
-    ``weight = -0.5 log(max(var, 0.2))`` from the batch (unbiased variance, as the paper's code)."""
+    ``weight = -0.5 log(max(var, 0.2))`` from the batch (unbiased variance, as the paper's code).
+    ``eps`` is accepted for the paper's signature and unused (the variance is clamped at 0.2 instead)."""
 
     def __init__(self, num_features: int, eps: float = 1e-12):
         super().__init__()
         self.num_features = num_features
-        self.eps = eps
         self.weight = nn.Parameter(torch.zeros(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(0))

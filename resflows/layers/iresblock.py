@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from . import linearize
 from .base import FlowLayer
+from .jacobian import batch_jacobian
 
 Tensor = torch.Tensor
 
@@ -36,7 +37,6 @@ __all__ = [
     "roulette_weights",
     "geometric_tail",
     "poisson_tail",
-    "batch_jacobian",
     "InverseNotConvergedWarning",
 ]
 
@@ -75,21 +75,6 @@ def roulette_weights(draws: Sequence[int], n_exact: int, tail: Callable[[int], f
             frac = sum(d >= m for d in draws) / len(draws)
             weights.append(frac / tail(m))
     return weights
-
-
-# ------------------------------------------------------------------------------------------------
-# Exact Jacobians (small inputs)
-# ------------------------------------------------------------------------------------------------
-def batch_jacobian(g: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
-    """Per-example Jacobian dg/dx as ``[B, D_out, D_in]``, one vector-Jacobian product per output
-    dimension. Assumes examples do not interact inside ``g``."""
-    b = x.shape[0]
-    g_flat = g.reshape(b, -1)
-    rows = []
-    for d in range(g_flat.shape[1]):
-        (row,) = torch.autograd.grad(g_flat[:, d].sum(), x, create_graph=create_graph, retain_graph=True)
-        rows.append(row.reshape(b, 1, -1))
-    return torch.cat(rows, 1)
 
 
 def _batch_trace(m: Tensor) -> Tensor:

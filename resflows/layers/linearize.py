@@ -18,7 +18,7 @@ derivative from :mod:`resflows.layers.activations` (defined there once).
 
 Adding a layer type: ``register(MyLayer, Handler(primal, vjp, dual, keep, ok))``, next to the layer's
 class (see ``Handler``; containers call :func:`primal`, :func:`tape_vjp`, :func:`dual` and
-:func:`strip_tape` on their children, as ``FCNet``'s registration in ``resflows/model.py`` does), and a
+:func:`strip_tape` on their children, as ``FCNet``'s registration in ``resflows/layers/fc.py`` does), and a
 case in ``tests/layers/test_linearize.py``, whose completeness test fails until there is one.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ class MovingBatchNormNd(nn.Module):
     As in the paper's code (bn_lag = 0) the *running* mean is subtracted, also in training, so the
     map is a per-channel shift: 1-Lipschitz, invertible, log-det 0, and examples never interact.
     The running mean is updated after use with ``running_mean -= decay * (running_mean - batch_mean)``.
+    ``eps`` is accepted for the paper's signature and unused (a shift divides by nothing).
     """
 
     shape = (1, -1)
@@ -22,7 +23,7 @@ class MovingBatchNormNd(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-4, decay: float = 0.1, affine: bool = True):
         super().__init__()
         self.num_features = num_features
-        self.eps, self.decay, self.affine = eps, decay, affine
+        self.decay, self.affine = decay, affine
         self.register_buffer("step", torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
         self.register_buffer("running_mean", torch.zeros(num_features))

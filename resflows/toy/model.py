@@ -16,12 +16,10 @@ from ..layers import (
     SequentialFlow,
     get_linear,
     iResBlock,
-    lipschitz_layers,
     make_activation,
-    update_lipschitz,
 )
 from ..layers.base import zeros_logdet
-from ..layers.lipschitz import _LipschitzMap
+from ..layers.upkeep import FlowUpkeep
 from .config import ToyConfig
 
 __all__ = ["ToyFlow", "MovingBatchNormFlow1d", "build_toy_model", "residual_net", "coupling_net"]
@@ -44,35 +42,16 @@ class MovingBatchNormFlow1d(MovingBatchNorm1d):
         return super().inverse(y)
 
 
-class ToyFlow(SequentialFlow):
+class ToyFlow(FlowUpkeep, SequentialFlow):
     """A flow on ``[B, 2]`` points (data -> latent) with its maintenance methods."""
 
     def __init__(self, layers: Sequence[nn.Module], lipschitz_kwargs: Optional[Dict] = None):
         super().__init__(layers)
         self.lipschitz_kwargs = dict(lipschitz_kwargs or dict(n_iterations=None, atol=1e-3, rtol=1e-3))
 
-    def update_lipschitz(self, **overrides) -> int:
-        """Power iterations on every normalised layer (after each optimiser step); defaults from the config."""
-        kw = {**self.lipschitz_kwargs, **overrides}
-        return update_lipschitz(lipschitz_layers(self), **kw)
-
-    def lipschitz_constants(self) -> Dict[str, float]:
-        """min(sigma, coeff) of every normalised layer, from the stored estimates."""
-        return {n: m.lipschitz_constant() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
-
-    def norm_orders(self) -> Dict[str, Tuple[float, float]]:
-        """(domain, codomain) of every normalised layer (changes during training with ``--learn-p``)."""
-        return {n: m.norm_orders() for n, m in self.named_modules() if isinstance(m, _LipschitzMap)}
-
-    def iresblocks(self) -> List[iResBlock]:
-        return [m for m in self.modules() if isinstance(m, iResBlock)]
-
-    def set_inverse_tolerance(self, atol: float, rtol: float, max_iters: Optional[int] = None) -> None:
-        """Stopping rule of every residual block's fixed-point inverse."""
-        for b in self.iresblocks():
-            b.inverse_atol, b.inverse_rtol = atol, rtol
-            if max_iters is not None:
-                b.inverse_max_iters = max_iters
+    def lipschitz_defaults(self) -> Dict:
+        """The config's power-iteration settings (``ToyConfig.lipschitz_kwargs``)."""
+        return self.lipschitz_kwargs
 
 
 def _orders(cfg: ToyConfig) -> Tuple[list, list]:

@@ -1,13 +1,11 @@
 """i-DenseNets branches (resflows/layers/dense.py): concatenation weights, Lipschitz bound, log-det estimates,
 gradient modes and the linearised fast path, all against exact answers in float64."""
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resflows.exact import exact_logdet
 from resflows.layers import (
     CLipSwish,
     LeakyLSwish,
@@ -18,10 +16,10 @@ from resflows.layers import (
     iResBlock,
     linearize,
     lipschitz_layers,
-    update_lipschitz,
 )
 from resflows.layers.dense import dense_conv_layers, dense_fc_layers
-from tests.flowcheck import check_flow_layer
+from resflows.layers.jacobian import per_example_jacobian
+from tests.flowcheck import check_flow_layer, check_gradients_unbiased, estimate_and_exact
 
 D64 = torch.float64
 SHAPES = {"conv": (2, 3, 3), "fc": (6,)}
@@ -78,13 +76,6 @@ def exact_power_vectors(net):
 
 def inputs(kind, n=3, seed=5):
     return torch.randn(n, *SHAPES[kind], generator=torch.Generator().manual_seed(seed), dtype=D64)
-
-
-def jacobian(net, x):
-    """[B, D, D] Jacobian of a per-example map."""
-    d = x[0].numel()
-    jacs = [torch.autograd.functional.jacobian(lambda t: net(t).reshape(-1), x[i:i + 1]).reshape(d, d) for i in range(x.shape[0])]
-    return torch.stack(jacs)
 
 
 # -- the concatenation -------------------------------------------------------------------------------------
@@ -145,7 +136,7 @@ def test_branch_lipschitz_constant_is_at_most_coeff(kind, act, seed):
     for lip_coeff in (1.0, 0.95):
         net = dense_branch(kind, act=act, coeff=coeff, lip_coeff=lip_coeff, seed=seed)
         x = inputs(kind, n=4, seed=seed) * 2
-        sv = torch.linalg.matrix_norm(jacobian(net, x), ord=2)
+        sv = torch.linalg.matrix_norm(per_example_jacobian(net, x), ord=2)
         assert sv.max().item() <= coeff * (1 + 1e-9), sv
 
 
@@ -154,10 +145,7 @@ def test_each_dense_layer_is_lipschitz_lip_coeff():
     net = dense_branch("conv", coeff=1.0, lip_coeff=0.8, depth=1, seed=3)
     layer = net[0]
     x = inputs("conv", n=4)
-    d_in = x[0].numel()
-    jacs = torch.stack([torch.autograd.functional.jacobian(lambda t: layer(t).reshape(-1), x[i:i + 1]).reshape(-1, d_in)
-                        for i in range(4)])
-    sv = torch.linalg.matrix_norm(jacs, ord=2)
+    sv = torch.linalg.matrix_norm(per_example_jacobian(layer, x), ord=2)
     eta1, _ = layer.etas()
     assert sv.max().item() <= 0.8 * (1 + 1e-9)
     assert sv.min().item() >= eta1.item() * (1 - 1e-9)
@@ -171,46 +159,22 @@ def test_block_forward_inverse_and_exact_logdet(kind):
     check_flow_layer(block, inputs(kind), rtol=1e-8, inv_atol=1e-9)
 
 
-def _estimates(block, x, repeats=100, batch=128):
-    xs = x.expand(batch, *x.shape[1:])
-    out = []
-    for _ in range(repeats):
-        with torch.no_grad():
-            out.append(block(xs)[1].mean())
-    s = torch.stack(out)
-    return s.mean(), s.std() / math.sqrt(len(out))
-
-
 @pytest.mark.parametrize("kind", ["conv", "fc"])
 @pytest.mark.parametrize("training", [True, False])
 def test_logdet_estimate_is_unbiased(kind, training):
     x = inputs(kind, n=1)
     block = iResBlock(dense_branch(kind), n_dist="geometric").train(training)
     assert block.linearizable
-    _, exact = exact_logdet(block, x)
-    torch.manual_seed(7)
-    mean, se = _estimates(block, x)
-    assert abs(mean.item() - exact.item()) < 3 * se.item(), (mean.item(), exact.item(), se.item())
+    mean, se, exact = estimate_and_exact(block, x)
+    assert abs(mean - exact) < 3 * se, (mean, exact, se)
 
 
 def test_truncated_series_fails_the_unbiasedness_check():
     """The check above can fail: one term of the series is biased by many standard errors."""
     x = inputs("conv", n=1)
     block = iResBlock(dense_branch("conv"), n_power_series=1).train()
-    _, exact = exact_logdet(block, x)
-    torch.manual_seed(7)
-    mean, se = _estimates(block, x)
-    assert abs(mean.item() - exact.item()) > 5 * se.item()
-
-
-def _exact_logdet_grads(block, x, params):
-    x = x.detach().requires_grad_(True)
-    g = block.nnet(x)
-    d = x[0].numel()
-    rows = [torch.autograd.grad(g.reshape(-1)[i], x, create_graph=True)[0].reshape(-1) for i in range(d)]
-    logdet = torch.linalg.slogdet(torch.eye(d, dtype=D64) + torch.stack(rows))[1]
-    grads = torch.autograd.grad(logdet, params, allow_unused=True)  # the last bias does not enter the Jacobian
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    mean, se, exact = estimate_and_exact(block, x)
+    assert abs(mean - exact) > 5 * se
 
 
 MODES = [(True, True, True), (True, True, False), (True, False, True), (False, False, True), (False, True, True)]
@@ -223,21 +187,8 @@ def test_gradient_estimators_are_unbiased(neumann, mem_eff, fast):
     x = inputs("conv", n=1)
     block = iResBlock(dense_branch("conv"), neumann_grad=neumann, grad_in_forward=mem_eff).train()
     block.use_linearize = fast
-    params = [p for p in block.nnet.parameters() if p.requires_grad]
-    assert any(p.shape == (1,) for p in params)  # K, beta
-    exact = _exact_logdet_grads(block, x, params)
-    directions = torch.randn(3, exact.numel(), generator=torch.Generator().manual_seed(9), dtype=D64)
-    torch.manual_seed(3)
-    xs = x.expand(64, *x.shape[1:])
-    samples = []
-    for _ in range(60):
-        _, ld = block(xs)
-        grads = torch.autograd.grad(ld.mean(), params, allow_unused=True)
-        samples.append(directions @ torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
-    s = torch.stack(samples)
-    mean, se = s.mean(0), s.std(0) / math.sqrt(s.shape[0])
-    target = directions @ exact
-    assert torch.all((mean - target).abs() < 3 * se), (mean, target, se)
+    assert any(p.shape == (1,) for p in block.nnet.parameters() if p.requires_grad)  # K, beta
+    check_gradients_unbiased(block, x, draws=60)
 
 
 @pytest.mark.parametrize("kind", ["conv", "fc"])

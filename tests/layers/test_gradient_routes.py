@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from resflows.layers import LipSwish, MaxMin, get_linear, iResBlock
 from resflows.layers import iresblock as iresblock_module
-from resflows.layers.iresblock import batch_jacobian
+from resflows.layers.jacobian import batch_jacobian
 from tests.layers.test_linearize import HalvedELU, act_choices, inputs, model_branches, randomize
 
 D64 = torch.float64

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from resflows.exact import exact_logdet, jacobian_logdet
+from resflows.exact import jacobian_logdet
 from resflows.layers import (
     InducedNormConv2d,
     InducedNormLinear,
@@ -17,7 +17,7 @@ from resflows.layers import (
     update_lipschitz,
 )
 from resflows.layers.iresblock import geometric_tail, poisson_tail, roulette_weights
-from tests.flowcheck import check_flow_layer
+from tests.flowcheck import check_flow_layer, check_gradients_unbiased, estimate_and_exact
 
 D64 = torch.float64
 SHAPES = {"conv": (2, 3, 3), "fc": (4,)}
@@ -52,22 +52,6 @@ def strong_net(kind: str, coeff: float = 0.78, act: nn.Module = None) -> nn.Sequ
 
 def point(kind: str) -> torch.Tensor:
     return torch.randn(1, *SHAPES[kind], generator=torch.Generator().manual_seed(5), dtype=D64) * 0.5
-
-
-def mean_and_se(samples):
-    s = torch.stack(samples)
-    return s.mean(0), s.std(0) / math.sqrt(s.shape[0])
-
-
-def repeated_estimates(block, x, repeats=100, batch=128):
-    """Independent estimates: each forward draws its own N; a batch mean shares that draw, so the
-    standard error is taken across forwards."""
-    xs = x.expand(batch, *x.shape[1:])
-    out = []
-    for _ in range(repeats):
-        with torch.no_grad():
-            out.append(block(xs)[1].mean())
-    return mean_and_se(out)
 
 
 # -- roulette --------------------------------------------------------------------------------------
@@ -140,10 +124,8 @@ CASES = [(k, d, ne, ns, tr) for k in ("conv", "fc") for d in ("poisson", "geomet
 def test_estimator_is_unbiased(kind, dist, n_exact, n_samples, training):
     x = point(kind)
     block = iResBlock(strong_net(kind), n_dist=dist, n_exact_terms=n_exact, n_samples=n_samples).train(training)
-    _, exact = exact_logdet(block, x)
-    torch.manual_seed(7)
-    mean, se = repeated_estimates(block, x)
-    assert abs(mean.item() - exact.item()) < 3 * se.item(), (mean.item(), exact.item(), se.item())
+    mean, se, exact = estimate_and_exact(block, x)
+    assert abs(mean - exact) < 3 * se, (mean, exact, se)
 
 
 @pytest.mark.parametrize("kind", ["conv", "fc"])
@@ -151,46 +133,17 @@ def test_truncated_series_fails_the_unbiasedness_check(kind):
     """Proof that the test above can fail: a 2-term truncation is biased by many standard errors."""
     x = point(kind)
     block = iResBlock(strong_net(kind), n_power_series=2).train()
-    _, exact = exact_logdet(block, x)
-    torch.manual_seed(7)
-    mean, se = repeated_estimates(block, x)
-    assert abs(mean.item() - exact.item()) > 5 * se.item()
+    mean, se, exact = estimate_and_exact(block, x)
+    assert abs(mean - exact) > 5 * se
 
 
 # -- gradients -------------------------------------------------------------------------------------
-def _exact_grads(block, x, params):
-    x = x.detach().requires_grad_(True)
-    g = block.nnet(x)
-    d = x[0].numel()
-    rows = [torch.autograd.grad(g.reshape(-1)[i], x, create_graph=True)[0].reshape(-1) for i in range(d)]
-    jac = torch.stack(rows)
-    logdet = torch.linalg.slogdet(torch.eye(d, dtype=D64) + jac)[1]
-    return _grads(logdet, params)
-
-
-def _grads(out, params):
-    grads = torch.autograd.grad(out, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
 @pytest.mark.parametrize("kind", ["conv", "fc"])
 @pytest.mark.parametrize("neumann,mem_eff", [(True, True), (True, False), (False, False), (False, True)])
 def test_gradient_estimators_are_unbiased(kind, neumann, mem_eff):
     x = point(kind)
     block = iResBlock(strong_net(kind, act=LipSwish()), neumann_grad=neumann, grad_in_forward=mem_eff).train()
-    params = [p for p in block.nnet.parameters() if p.requires_grad]
-    exact = torch.cat([g.reshape(-1) for g in _exact_grads(block, x, params)])
-    directions = torch.randn(3, exact.numel(), generator=torch.Generator().manual_seed(9), dtype=D64)
-    torch.manual_seed(3)
-    xs = x.expand(64, *x.shape[1:])
-    samples = []
-    for _ in range(80):
-        _, ld = block(xs)
-        grads = _grads(ld.mean(), params)
-        samples.append(directions @ torch.cat([g.reshape(-1) for g in grads]))
-    mean, se = mean_and_se(samples)
-    target = directions @ exact
-    assert torch.all((mean - target).abs() < 3 * se), (mean, target, se)
+    check_gradients_unbiased(block, x, draws=80)
 
 
 @pytest.mark.parametrize("kind", ["conv", "fc"])

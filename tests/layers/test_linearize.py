@@ -33,7 +33,7 @@ from resflows.layers import (
 )
 from resflows.layers.activations import LeakyLSwish
 from resflows.layers.dense import LipschitzDenseLayer
-from resflows.model import FCNet
+from resflows.layers.fc import FCNet
 
 D64 = torch.float64
 RTOL = 1e-10

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from resflows.layers import InducedNormConv2d, InducedNormLinear, LopConv2d, LopLinear, get_conv2d, get_linear, update_lipschitz
-from resflows.layers.lipschitz import asym_squash
+from resflows.layers.norms import asym_squash
 
 D64 = torch.float64
 INF = float("inf")

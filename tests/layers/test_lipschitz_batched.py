@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from resflows.layers import get_conv2d, get_linear, update_lipschitz
-from resflows.layers.lipschitz import _InducedNorm
+from resflows.layers.lipschitz import InducedNorm
 
 
 def _layers():
@@ -31,7 +31,7 @@ def test_batched_power_steps_match_one_layer_at_a_time():
     for m in b:
         m.refresh_scale()
     for ma, mb in zip(a, b):
-        if isinstance(ma, _InducedNorm):
+        if isinstance(ma, InducedNorm):
             assert torch.allclose(ma.u, mb.u, atol=1e-12) and torch.allclose(ma.v, mb.v, atol=1e-12)
         assert torch.allclose(ma.scale, mb.scale, atol=1e-12)
         assert float(ma.scale) > 0

@@ -28,7 +28,7 @@ from resflows.layers import (
     iResBlock,
 )
 from resflows.layers.base import FlowLayer
-from resflows.model import FCWrapper
+from resflows.layers.fc import FCWrapper
 from resflows.toy.model import ToyFlow
 
 D64 = torch.float64
