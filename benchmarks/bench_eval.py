@@ -11,7 +11,6 @@ iteration and reports images/s and the mean number of fixed-point iterations per
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,9 +21,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
-                    int_at_least, machine, peak_rss_mb, report_failures, run_child, run_main, table, train_config,
-                    write_results)
+from common import (CONFIGS, OneLineArgumentParser, inputs_for, int_at_least, machine, parse_bench_args,  # noqa: E402
+                    peak_rss_mb, report_failures, run_child, run_main, table, train_config, write_results)
 
 PRESETS = {"make": [("mnist", 297, 64)], "quick": [("mnist", 297, 16)]}
 
@@ -93,17 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int_at_least(1), default=297, help="test images to evaluate")
     p.add_argument("--samples", type=int_at_least(1), default=64, help="samples to draw")
     p.add_argument("--repeats", type=int_at_least(1), default=3)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_eval.json"),
-                   help="results file, replaced only when every measurement succeeds")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        check_device(args.device)
-        if not args.child:
-            check_json_path(args.json)
-    except BenchError as e:
-        p.error(str(e))
+    args = parse_bench_args(p, argv, "bench_eval.json")
     if args.child:
         args.config = args.config[0]
         child(args)

@@ -27,8 +27,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, MODES, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
-                    int_at_least, machine, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
+from common import (CONFIGS, MODES, OneLineArgumentParser, inputs_for, int_at_least, machine,  # noqa: E402
+                    parse_bench_args, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
                     write_results)
 
 PRESETS = {
@@ -125,17 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int_at_least(1), default=None, help="override the configuration's batch size")
     p.add_argument("--steps", type=int_at_least(1), default=7)
     p.add_argument("--warmup", type=int_at_least(0), default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"),
-                   help="results file, replaced only when every measurement succeeds")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        check_device(args.device)
-        if not args.child:
-            check_json_path(args.json)
-    except BenchError as e:
-        p.error(str(e))
+    args = parse_bench_args(p, argv, "bench_train.json")
     if args.child:
         args.config, args.mode = args.config[0], args.mode[0]
         child(args)

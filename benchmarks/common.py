@@ -184,6 +184,24 @@ def check_json_path(path: str) -> str:
     return path
 
 
+def parse_bench_args(p: argparse.ArgumentParser, argv, results_name: str) -> argparse.Namespace:
+    """Adds the flags every measuring script has (--device, --json defaulting to ``results/RESULTS_NAME``,
+    the hidden --child), parses ``argv`` and checks the device and, in the parent process, the results path:
+    a bad value is a one-line flag error."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=os.path.join(HERE, "results", results_name),
+                   help="results file, replaced only when every measurement succeeds")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        check_device(args.device)
+        if not args.child:
+            check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
+    return args
+
+
 def write_results(path: str, record: Dict[str, Any]) -> None:
     """Writes the results file atomically, and only if every measurement succeeded.
 
