@@ -8,16 +8,10 @@ the optimiser and LR schedule, the data loaders, checkpoints and logs. The loop 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
-import random
-import signal
-import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -25,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_state, nonfinite_tensors, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, ModelConfig, TrainConfig
+from .checkpoint import CheckpointError, load_state, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig
 from .datasets import build_dataset, get_spec
 from .distributed import (
     DistInfo,
@@ -38,221 +32,20 @@ from .distributed import (
     broadcast_buffers,
     is_distributed,
 )
-from .factory import image_size, model_config_from, nvals_of
-from .layers.lipschitz import _LipschitzMap, norm_order_gradients
-from .losses import bits_per_dim, padding_logprob
+from .factory import image_size, nvals_of
+from .layers.lipschitz import norm_order_gradients
+from .losses import LossOut, ModelForward, compute_loss
 from .model import ResidualFlow
+from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
+from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress, setup_logger, stop_on_signals
 
-__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "ModelForward", "compute_loss", "make_optimizer", "paper_optimizer_state",
-           "setup_logger", "stop_on_signals"]
+# Re-exported while train_img.py and the benchmarks still import them from here.
+__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "LossOut", "ModelForward", "compute_loss", "make_optimizer",
+           "paper_optimizer_state", "setup_logger", "stop_on_signals"]
 
 logger = logging.getLogger("resflows")
 
-MAX_NONFINITE_STEPS = 5
 KEEP_BEST = 5
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. the loss stayed non-finite); the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Pieces
-# ------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the parameters, kept as a full model copy (DiT-style).
-
-    Buffers follow the training model (ActNorm flags, running means), except the power-iteration state
-    (``u``, ``v``, ``scale``), which belongs to the averaged weights and is re-estimated before use.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._skip = {n for n, _ in self._power_buffers(self.model)}
-
-    @staticmethod
-    def _power_buffers(model: nn.Module):
-        for name, m in model.named_modules():
-            if isinstance(m, _LipschitzMap):
-                for b in ("u", "v", "scale"):
-                    if hasattr(m, b):
-                        yield f"{name}.{b}" if name else b, getattr(m, b)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
-        src = dict(model.named_buffers())
-        for name, b in self.model.named_buffers():
-            if name not in self._skip:
-                b.copy_(src[name])
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-
-class LRSchedule:
-    """Linear warm-up over ``--warmup-iters`` batches, then ``--scheduler`` (if set) by epoch:
-    cosine warm restarts (T0 = 20 epochs, Tmult 2) for adam, x0.2 at 60/120/160 for SGD, nothing for
-    adamax / rmsprop (the paper's choice). (The paper's warm-up overwrote the LR every iteration, so its
-    scheduler never applied.)"""
-
-    def __init__(self, cfg: TrainConfig):
-        self.base_lr, self.warmup = cfg.lr, max(cfg.warmup_iters, 0)
-        self.kind = {"adam": "cosine", "sgd": "multistep"}.get(cfg.optimizer) if cfg.scheduler else None
-
-    def factor(self, itr: int, epoch_float: float) -> float:
-        f = min(1.0, (itr + 1) / self.warmup) if self.warmup > 0 else 1.0
-        if self.kind == "cosine":
-            t0, t_cur = 20.0, epoch_float
-            while t_cur >= t0:  # warm restarts with doubling periods
-                t_cur -= t0
-                t0 *= 2
-            f *= 0.5 * (1 + math.cos(math.pi * t_cur / t0))
-        elif self.kind == "multistep":
-            f *= 0.2 ** sum(epoch_float >= m for m in (60, 120, 160))
-        return f
-
-    def lr(self, itr: int, epoch_float: float) -> float:
-        return self.base_lr * self.factor(itr, epoch_float)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "base_lr": self.base_lr, "warmup": self.warmup}
-
-
-def paper_optimizer_state(paper: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """The optimiser state of a paper checkpoint, re-indexed for ``optimizer``.
-
-    The paper's single parameter group holds every model parameter, the frozen ``geom_p`` / ``lamb``
-    included (92 entries where ours has 78); ours holds the trainable ones. Entries are matched by position in
-    ``model.parameters()`` (the same order in both codes, as the state_dict keys are); the frozen ones are
-    dropped. Raises ValueError when the layout does not fit.
-    """
-    params = list(model.parameters())
-    groups = paper.get("param_groups") or []
-    ids = [i for g in groups for i in g["params"]]
-    if len(ids) != len(params):
-        raise ValueError(f"it covers {len(ids)} parameters, the model has {len(params)}")
-    ours = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    state: Dict[int, Dict[str, Any]] = {}
-    for pid, p in zip(ids, params):
-        entry = paper["state"].get(pid)
-        if entry is None or id(p) not in index:
-            continue
-        entry = dict(entry)
-        for k, v in entry.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
-                raise ValueError(f"its {k!r} for a parameter of shape {tuple(p.shape)} has shape {tuple(v.shape)}")
-        if "step" in entry and not torch.is_tensor(entry["step"]):
-            entry["step"] = torch.tensor(float(entry["step"]))  # torch.optim keeps the step as a tensor
-        state[index[id(p)]] = entry
-    return {"state": state, "param_groups": ours["param_groups"]}
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """torch.optim optimisers; ``--wd`` is decoupled for adam (AdamW) and L2 for the others."""
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
-    if cfg.optimizer == "adamax":
-        return torch.optim.Adamax(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.wd)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
-    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}")
-
-
-@dataclass
-class LossOut:
-    loss: torch.Tensor
-    bpd: Optional[torch.Tensor] = None  # per example
-    logpz: Optional[torch.Tensor] = None
-    logdet: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    crossent: Optional[torch.Tensor] = None
-
-
-def compute_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, image_shape, nvals: int,
-                 beta: float = 1.0) -> LossOut:
-    """The density / classification / hybrid losses of the paper (bits/dim, cross-entropy, their sum).
-
-    ``forward(x, mode)`` is a :class:`ModelForward` (possibly inside DistributedDataParallel).
-    """
-    from .losses import standard_normal_logprob
-
-    out = LossOut(loss=x.new_zeros(()))
-    if cfg.task == "classification":
-        logits = forward(x, "classify")
-        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
-        out.loss = out.crossent
-        return out
-    if cfg.task == "hybrid":
-        z, logdet, logits = forward(x, "hybrid")
-        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
-    else:
-        z, logdet = forward(x, "density")
-    logpu = padding_logprob(x, image_shape[0], nvals, cfg.padding_dist) if cfg.padding else None
-    out.bpd = bits_per_dim(z, logdet, image_shape, nvals, cfg.padding, logpu, beta)
-    out.logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
-    out.logdet = logdet
-    bpd = out.bpd.mean()
-    if cfg.task == "density":
-        out.loss = bpd
-    else:
-        if not cfg.scale_dim:
-            bpd = bpd * math.prod(image_shape)
-        out.loss = bpd + out.crossent / math.log(2)  # cross-entropy in bits
-    return out
-
-
-class ModelForward(nn.Module):
-    """``forward(x, mode)`` over the model's entry points, so DistributedDataParallel wraps one forward:
-    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits."""
-
-    def __init__(self, model: ResidualFlow):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, mode: str = "density"):
-        if mode == "classify":
-            return self.model.classify(x)
-        if mode == "hybrid":
-            return self.model.forward_with_logits(x)
-        return self.model(x)
-
-
-def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:
-    """Console and ``SAVE/logs`` logging (rank 0 only)."""
-    log = logging.getLogger("resflows")
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    if not is_main:
-        log.addHandler(logging.NullHandler())
-        return log
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    log.addHandler(console)
-    if save_dir:
-        fh = logging.FileHandler(os.path.join(save_dir, "logs"))
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-    return log
-
-
-def _progress(iterable, enabled: bool, **kw):
-    from tqdm import tqdm
-
-    # Quiet when output is not a terminal (logs, CI), and on non-zero ranks.
-    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,7 +286,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         n_total = self.batches_per_epoch
-        bar = _progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
+        bar = progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
         accum: List[Dict[str, float]] = []
         for x, y in bar:
             last_of_epoch = self.batch_in_epoch + 1 == n_total
@@ -652,7 +445,7 @@ class Trainer:
         model.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, sum bpd, sum bpd^2, correct, xent
         t0 = time.time()
-        for x, y in _progress(self.test_loader, self.dist.is_main, desc="validate"):
+        for x, y in progress(self.test_loader, self.dist.is_main, desc="validate"):
             x, y = x.to(self.device), y.to(self.device)
             out = compute_loss(ModelForward(model), x, y, self.cfg, self.image_shape, self.nvals)
             sums[0] += x.shape[0]
@@ -730,27 +523,3 @@ class Trainer:
             save_image(torch.cat(chunks), path, nrow=nrow or max(int(math.sqrt(n)), 1))
         barrier()
         return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Signals
-# ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGTERM / SIGINT ask the loop to save ``most_recent.pth`` at the next step and stop cleanly;
-    a second SIGINT interrupts at once."""
-    previous = {}
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if trainer.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_signal = name
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        previous[s] = signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
