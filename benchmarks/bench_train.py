@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, MODES, OneLineArgumentParser, inputs_for, int_at_least, machine,  # noqa: E402
+from common import (CONFIGS, MODES, OneLineArgumentParser, bench_trainer, int_at_least, machine,  # noqa: E402
                     parse_bench_args, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
                     write_results)
 
@@ -42,11 +42,6 @@ PRESETS = {
 def child(args) -> None:
     import torch
 
-    from resflows.distributed import DistInfo
-    from resflows.factory import model_config_from
-    from resflows.model import ResidualFlow
-    from resflows.trainer import EMA, Trainer
-
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         try:
@@ -60,15 +55,7 @@ def child(args) -> None:
     cfg = train_config(args.config, n_power_series=args.terms, seed=0, **MODES[args.mode])
     if args.batch:
         cfg.batchsize = args.batch
-    model = ResidualFlow(model_config_from(cfg)).to(device)
-    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
-    x = inputs_for(cfg, cfg.batchsize).to(device)
-    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-    with torch.no_grad():
-        model.train()
-        model.transform(x)  # data-dependent ActNorm initialisation
-    trainer.ema = EMA(model)
-    trainer.wrap()
+    trainer, x, y = bench_trainer(cfg, device)
     base = rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -75,6 +75,24 @@ def inputs_for(cfg: TrainConfig, n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=g)
 
 
+def bench_trainer(cfg: TrainConfig, device: torch.device):
+    """A Trainer for ``cfg`` on one batch of benchmark inputs (ActNorm initialised on it, EMA, wrapped), built
+    as train_img.py builds it; returns (trainer, x, y) for timing ``forward_backward`` + ``optimize``."""
+    import tempfile
+
+    from resflows.distributed import DistInfo
+    from resflows.factory import model_config_from
+    from resflows.loaders import tensor_data
+    from resflows.model import ResidualFlow
+    from resflows.trainer import Trainer
+
+    model = ResidualFlow(model_config_from(cfg)).to(device)
+    x = inputs_for(cfg, cfg.batchsize).to(device)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp(), data=tensor_data(x, y, cfg.batchsize))
+    return trainer, x, y
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:

@@ -25,6 +25,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig
 from .legacy import NotACheckpointError, load_paper_checkpoint
+from .optim import EMA
 
 __all__ = [
     "FORMAT_VERSION",
@@ -38,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "load_model",
+    "load_weights",
     "rng_state",
     "set_rng_state",
 ]
@@ -358,5 +360,17 @@ def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     if ema:
-        model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
+        from .evaluation import tighten_lipschitz
+
+        tighten_lipschitz(model)
     return model.eval()
+
+
+def load_weights(path: str, ckpt: Dict[str, Any], model: torch.nn.Module) -> EMA:
+    """Load a checkpoint's weights into ``model`` and return the EMA: the checkpoint's EMA weights, or a copy
+    of ``model`` where it has none."""
+    load_state(path, model, ckpt["model"])
+    ema = EMA(model)
+    if ckpt.get("ema") is not None:
+        load_state(path, ema.model, ckpt["ema"], "EMA")
+    return ema

@@ -1,9 +1,14 @@
-"""Training, validation, evaluation and sampling for image Residual Flows.
+"""The training loop for image Residual Flows.
 
-``Trainer`` owns one run: the model (wrapped in DistributedDataParallel under ``torchrun``), its EMA copy,
-the optimiser and LR schedule, the data loaders, checkpoints and logs. The loop reads top to bottom in
-``fit``: ``run_step`` -> ``forward_backward`` -> ``optimize`` (clip, step, Lipschitz update, EMA), with
-``validate`` / ``save`` every epoch.
+``Trainer`` owns one training run: the model (wrapped in DistributedDataParallel under ``torchrun``), its EMA
+copy, the optimiser and LR schedule, the data loaders, checkpoints and logs. Construction leaves it ready to
+train (data built, weights restored or ActNorm initialised, model wrapped); the loop reads top to bottom in
+``fit``: ``train_epoch`` -> ``forward_backward`` -> ``optimize`` (clip, step, Lipschitz update, EMA) ->
+``log_step``, with ``validate`` / ``save`` every epoch.
+
+The pieces live beside it: the loss in :mod:`resflows.losses`, optimiser, schedule and EMA in
+:mod:`resflows.optim`, loaders in :mod:`resflows.loaders`, evaluation and sampling in
+:mod:`resflows.evaluation`, logging, progress bars and signals in :mod:`resflows.runlog`.
 """
 from __future__ import annotations
 
@@ -12,107 +17,82 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_state, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
-from .datasets import build_dataset, get_spec
-from .distributed import (
-    DistInfo,
-    ResumableDistributedSampler,
-    ShardSampler,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    broadcast_buffers,
-    is_distributed,
-)
-from .factory import image_size, nvals_of
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
+from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
+from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
-from .losses import LossOut, ModelForward, compute_loss
+from .loaders import RunData, build_data
+from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
-from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress, setup_logger, stop_on_signals
+from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress
 
-# Re-exported while train_img.py and the benchmarks still import them from here.
-__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "LossOut", "ModelForward", "compute_loss", "make_optimizer",
-           "paper_optimizer_state", "setup_logger", "stop_on_signals"]
+__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM"]
 
 logger = logging.getLogger("resflows")
 
-KEEP_BEST = 5
+KEEP_BEST = 5  # checkpt-EPOCH.pth files kept: the lowest test bits/dim
+GRAD_CLIP_NORM = 1.0  # gradient norm clipped to, as the paper's train_img.py (hard-coded there too)
+# Re-seeding when a checkpoint's random streams do not fit the number of ranks: seed + rank + RESEED_STRIDE *
+# (step + 1), a prime stride, so that the streams of different steps and ranks do not coincide.
+RESEED_STRIDE = 7919
+VIS_SEED_OFFSET = 12345  # the fixed latents of the visualisation grid: a stream apart from training's
+VIS_IMAGES = 8  # images per row of the visualisation grid (real, samples, reconstructions)
 
 
-# ------------------------------------------------------------------------------------------------
-# The trainer
-# ------------------------------------------------------------------------------------------------
 class Trainer:
-    """One training run (or an evaluation / sampling job) for ``train_img.py``."""
+    """One training run for ``train_img.py``, complete once constructed.
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, model: ResidualFlow, save_dir: str):
+    ``data`` defaults to :func:`resflows.loaders.build_data` on ``cfg``. With ``ckpt`` (a
+    :func:`resflows.checkpoint.read_checkpoint` dict, read from ``ckpt_path``) the weights, EMA, optimiser,
+    counters and random streams continue from it; without, ActNorm is initialised on a first training batch.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, model: ResidualFlow, save_dir: str,
+                 ckpt: Optional[Dict[str, Any]] = None, ckpt_path: str = "the checkpoint", data: Optional[RunData] = None):
         self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
-        spec = get_spec(cfg.data)
-        self.image_shape = (spec.im_dim, image_size(cfg), image_size(cfg))
+        self.image_shape = image_shape(cfg)
         self.nvals = nvals_of(cfg)
-        self.ema: Optional[EMA] = None
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.schedule = LRSchedule(cfg)
-        self.epoch, self.batch_in_epoch, self.itr, self.step = cfg.begin_epoch, 0, 0, 0
+        self.data = data if data is not None else build_data(cfg, dist_info, train=True)
+        self.train_set, self.sampler, self.train_loader = self.data.train_set, self.data.sampler, self.data.train_loader
+        self.test_loader = self.data.test_loader
+        self.batches_per_epoch = self.data.batches_per_epoch
+        self.epoch, self.batch_in_epoch = cfg.begin_epoch, 0
+        # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
+        # run) does not repeat the warm-up. Our checkpoints restore their own counters.
+        self.itr = self.epoch * self.batches_per_epoch
+        self.step = self.itr // cfg.update_freq
         self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
         self.last_test_bpd: Optional[float] = None
-        self.stop_signal: Optional[str] = None
+        self.stop_signal: Optional[str] = None  # set by resflows.runlog.stop_on_signals
         self.stop_now = False  # the stop decision every rank agreed on at the last step
         self.nonfinite_in_a_row = 0
-        self.writer = None
-        self.ddp: Optional[nn.Module] = None
-        self.train_loader = self.test_loader = None
+        self.writer = None  # TensorBoard, open during fit on rank 0
         self._vis_batch = None
-        self.batches_per_epoch = 1
+        if ckpt is not None:
+            self._restore(ckpt, ckpt_path)
+        else:
+            self._initialize()
+        self.ddp = self._wrap()
 
-    # -- set-up ----------------------------------------------------------------------------------
     @property
     def per_rank_batch(self) -> int:
         return self.cfg.batchsize // self.dist.world_size
 
-    def build_data(self, train: bool = True) -> None:
-        cfg, d = self.cfg, self.dist
-        seed = cfg.seed or 0
-        common = dict(dataroot=cfg.dataroot, imagesize=image_size(cfg), nbits=cfg.nbits, task=cfg.task,
-                      add_noise=cfg.add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
-                      rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed, dequant=cfg.dequant)
-        # More workers than cores only adds contention (torch warns about it): cap at the cores we have.
-        workers = max(0, min(cfg.nworkers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-        # Own generator: creating loader iterators must not consume the global RNG (exact resume). Workers
-        # are not persistent: each epoch's workers must see the dataset's new epoch (its noise and flips).
-        loader_kw = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
-                         persistent_workers=False, generator=torch.Generator())
-        self.test_set = build_dataset(cfg.data, train=False, **common)
-        self.test_set.set_epoch(-1)  # fixed dequantisation noise: test bits/dim comparable across epochs
-        self.test_loader = DataLoader(self.test_set, batch_size=max(cfg.val_batchsize // d.world_size, 1),
-                                      sampler=ShardSampler(len(self.test_set), d.rank, d.world_size), **loader_kw)
-        if train:
-            self.train_set = build_dataset(cfg.data, train=True, **common)
-            if len(self.train_set) < cfg.batchsize:
-                raise ConfigError(f"--batchsize {cfg.batchsize} is larger than the training set ({len(self.train_set)} images)")
-            self.sampler = ResumableDistributedSampler(self.train_set, self.per_rank_batch, d.world_size, d.rank, True, seed)
-            self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.sampler,
-                                           drop_last=True, **loader_kw)
-            # Full epoch length (len(train_loader) shrinks when a resumed epoch skips its first batches).
-            self.batches_per_epoch = self.sampler.num_samples // self.per_rank_batch
-            # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
-            # run) does not repeat the warm-up. Our checkpoints restore their own counters afterwards.
-            self.itr = self.epoch * self.batches_per_epoch
-            self.step = self.itr // cfg.update_freq
-
-    def wrap(self) -> None:
+    # -- set-up ----------------------------------------------------------------------------------
+    def _wrap(self) -> nn.Module:
         """Under torchrun: DistributedDataParallel (buffers are synchronised explicitly after each step)."""
         module = ModelForward(self.model)
         if is_distributed():
@@ -122,12 +102,11 @@ class Trainer:
             if orders:
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, orders)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
-        else:
-            self.ddp = module
+            return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        return module
 
     @torch.no_grad()
-    def initialize(self) -> None:
+    def _initialize(self) -> None:
         """Data-dependent ActNorm initialisation on a first batch (all ranks, statistics pooled), then the
         EMA copy, so that it starts from initialised weights."""
         if is_distributed():
@@ -142,11 +121,19 @@ class Trainer:
         broadcast_buffers(self.model)
         self.ema = EMA(self.model)
 
-    def open_writer(self) -> None:
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """``SAVE/tb`` open on rank 0 for the duration of ``fit``."""
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.save_dir, "tb"))
+        try:
+            yield
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -204,15 +191,9 @@ class Trainer:
                 self.best = cand[:KEEP_BEST]
         barrier()
 
-    def restore(self, ckpt: Dict[str, Any], path: str, training: bool = True) -> None:
-        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's. With
-        ``training=False`` (evaluate / sample) only the weights are taken, so ``--seed`` governs the draws."""
-        load_state(path, self.model, ckpt["model"])
-        self.ema = EMA(self.model)
-        if ckpt.get("ema") is not None:
-            load_state(path, self.ema.model, ckpt["ema"], "EMA")
-        if not training:
-            return
+    def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's."""
+        self.ema = load_weights(path, ckpt, self.model)
         saved_opt = (ckpt.get("config") or {}).get("optimizer")
         if ckpt.get("optimizer") and saved_opt == self.cfg.optimizer:
             try:
@@ -242,7 +223,7 @@ class Trainer:
                 rng = None  # one saved stream would make every rank draw the same probes and series lengths
             if rng is None:
                 logger.info("the checkpoint's random streams do not fit %d rank(s): re-seeding per rank", self.dist.world_size)
-                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + 7919 * (self.step + 1))
+                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + RESEED_STRIDE * (self.step + 1))
             else:
                 try:
                     set_rng_state(rng)
@@ -262,6 +243,11 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
+        """Train until --nepochs or --max-iters, or a stop signal (then saving ``most_recent.pth``)."""
+        with self._tensorboard():
+            self._fit()
+
+    def _fit(self) -> None:
         cfg = self.cfg
         n_batches = self.batches_per_epoch
         if n_batches == 0:
@@ -338,7 +324,7 @@ class Trainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(self.cfg.update_freq / n_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         # One tiny collective: every rank agrees on skipping and on stopping.
         flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
         if is_distributed():
@@ -427,50 +413,15 @@ class Trainer:
     def eval_model(self) -> ResidualFlow:
         """EMA weights (unless --ema-val False) with power iterations re-run for them; the training
         model's u/v are left untouched (the paper leaked the EMA's into them)."""
-        if self.cfg.ema_val and self.ema is not None:
-            model = self.ema.model
-        else:
-            model = self.model
-        model.update_lipschitz()
-        broadcast_buffers(model)
-        return model.eval()
+        return prepare_for_eval(self.ema.model if self.cfg.ema_val else self.model)
 
-    @torch.no_grad()
     def validate(self, model: Optional[ResidualFlow] = None, tight: bool = False, label: Optional[int] = None) -> Dict[str, Any]:
         """Test bits/dim (mean, standard error, count) over every test image exactly once; accuracy for
-        classification / hybrid."""
+        classification / hybrid (:func:`resflows.evaluation.evaluate`)."""
         model = model or self.eval_model()
         if tight:
-            model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
-        model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, sum bpd, sum bpd^2, correct, xent
-        t0 = time.time()
-        for x, y in progress(self.test_loader, self.dist.is_main, desc="validate"):
-            x, y = x.to(self.device), y.to(self.device)
-            out = compute_loss(ModelForward(model), x, y, self.cfg, self.image_shape, self.nvals)
-            sums[0] += x.shape[0]
-            if out.bpd is not None:
-                sums[1] += out.bpd.double().sum()
-                sums[2] += (out.bpd.double() ** 2).sum()
-            if out.logits is not None:
-                sums[3] += (out.logits.argmax(1) == y).double().sum()
-                sums[4] += F.cross_entropy(out.logits, y, reduction="sum").double()
-        sums = all_reduce_sum(sums)
-        n = int(sums[0].item())
-        res: Dict[str, Any] = {"n_images": n, "seconds": time.time() - t0}
-        if self.cfg.task != "classification":
-            mean = sums[1].item() / n
-            var = max(sums[2].item() / n - mean**2, 0.0) * n / max(n - 1, 1)
-            res.update(test_bpd=mean, test_bpd_stderr=math.sqrt(var / n))
-        if self.cfg.task != "density":
-            res.update(test_acc=sums[3].item() / n, test_crossent=sums[4].item() / n)
-        msg = f"epoch {label} | test" if label is not None else "test"
-        if "test_bpd" in res:
-            msg += f" bits/dim {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f}"
-        if "test_acc" in res:
-            msg += f" acc {res['test_acc']:.4f}"
-        logger.info("%s (%d images, %.1f s)", msg, n, res["seconds"])
-        return res
+            tighten_lipschitz(model)
+        return evaluate(model, self.test_loader, self.cfg, self.device, self.dist.is_main, label)
 
     @torch.no_grad()
     def visualize(self) -> None:
@@ -482,8 +433,8 @@ class Trainer:
         model.eval()
         if self._vis_batch is None:
             x, _ = next(iter(self.test_loader))
-            g = torch.Generator().manual_seed((self.cfg.seed or 0) + 12345)
-            self._vis_batch = (x[:8].to(self.device), torch.randn(8, model.latent_dim, generator=g).to(self.device))
+            g = torch.Generator().manual_seed((self.cfg.seed or 0) + VIS_SEED_OFFSET)
+            self._vis_batch = (x[:VIS_IMAGES].to(self.device), torch.randn(VIS_IMAGES, model.latent_dim, generator=g).to(self.device))
         x, z_fixed = self._vis_batch
         c = self.image_shape[0]
         model.set_inverse_method(self.cfg.inverse)
@@ -493,33 +444,8 @@ class Trainer:
         folder = os.path.join(self.save_dir, "imgs")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"e{self.epoch:03d}_i{self.step:06d}.png")
-        save_image(grid, path, nrow=8)
+        save_image(grid, path, nrow=VIS_IMAGES)
         if self.writer:
-            self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=8), self.step)
+            self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
 
-    @torch.no_grad()
-    def sample(self, n: int, temp: float, nrow: Optional[int]) -> Optional[str]:
-        """A PNG grid of ``n`` samples ``x = f^{-1}(z)``, ``z ~ N(0, temp^2 I)``, under ``SAVE/samples/``.
-        Called on every rank (the power iterations are collective); rank 0 draws and writes."""
-        from torchvision.utils import save_image
-
-        model = self.eval_model()
-        model.set_inverse_method(self.cfg.inverse)
-        path = None
-        if self.dist.is_main:
-            c = self.image_shape[0]
-            chunks = []
-            for i in range(0, n, 64):
-                z = torch.randn(min(64, n - i), model.latent_dim, device=self.device) * temp
-                x = model.inverse(z)[:, :c]  # drop --padding channels
-                if not torch.isfinite(x).all():
-                    raise TrainingError(f"sampling at --temp {temp:g} gave non-finite images (the inverse diverged); "
-                                        f"nothing was written. Try a lower --temp or an earlier checkpoint")
-                chunks.append(x.clamp(0, 1).cpu())
-            folder = os.path.join(self.save_dir, "samples")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")
-            save_image(torch.cat(chunks), path, nrow=nrow or max(int(math.sqrt(n)), 1))
-        barrier()
-        return path

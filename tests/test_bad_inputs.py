@@ -96,7 +96,7 @@ def _full_disk(tmp, run, monkeypatch):
 
 
 def _nan_ema_after_step(tmp, run, monkeypatch):
-    from resflows.trainer import EMA
+    from resflows.optim import EMA
 
     update = EMA.update
 
@@ -107,10 +107,10 @@ def _nan_ema_after_step(tmp, run, monkeypatch):
 
 
 def _nan_eval(tmp, run, monkeypatch):
-    from resflows.trainer import Trainer
+    from resflows import evaluation
 
-    monkeypatch.setattr(Trainer, "validate", lambda self, *a, **k: {"n_images": 297, "seconds": 0.1,
-                                                                    "test_bpd": float("nan"), "test_bpd_stderr": float("nan")})
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"n_images": 297, "seconds": 0.1,
+                                                                 "test_bpd": float("nan"), "test_bpd_stderr": float("nan")})
 
 
 def _nan_inverse(tmp, run, monkeypatch):
