@@ -65,10 +65,10 @@ class Trainer:
         self.nvals = nvals_of(cfg)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.schedule = LRSchedule(cfg)
-        self.data = data if data is not None else build_data(cfg, dist_info, train=True)
-        self.train_set, self.sampler, self.train_loader = self.data.train_set, self.data.sampler, self.data.train_loader
-        self.test_loader = self.data.test_loader
-        self.batches_per_epoch = self.data.batches_per_epoch
+        data = data if data is not None else build_data(cfg, dist_info, train=True)
+        self.train_set, self.sampler, self.train_loader = data.train_set, data.sampler, data.train_loader
+        self.test_loader = data.test_loader
+        self.batches_per_epoch = data.batches_per_epoch
         self.epoch, self.batch_in_epoch = cfg.begin_epoch, 0
         # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
         # run) does not repeat the warm-up. Our checkpoints restore their own counters.
@@ -146,7 +146,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "epoch": self.epoch,
