@@ -16,19 +16,23 @@ import math
 import os
 import random
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from resflows.checkpoint import check_weights_fit, read_checkpoint, write_json
+from resflows import evaluation
+from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
 from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
-from resflows.config import ConfigError, ModelConfig
-from resflows.distributed import cleanup_distributed, setup_distributed
+from resflows.config import ConfigError, ModelConfig, TrainConfig
+from resflows.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
 from resflows.entry import SaveLock, remove_leftovers, run_entry_point
+from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
+from resflows.loaders import build_data
 from resflows.model import ResidualFlow
+from resflows.runlog import TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import tune_cpu_runtime
-from resflows.trainer import Trainer, TrainingError, setup_logger, stop_on_signals
+from resflows.trainer import Trainer
 
 PROG = "train_img.py"
 
@@ -80,34 +84,12 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     torch.manual_seed(cfg.seed + dist.rank)  # then per-rank streams for probes and truncation draws
     random.seed(cfg.seed + dist.rank)
     log.info("model: %d parameters, latent dim %d", sum(p.numel() for p in model.parameters()), model.latent_dim)
-    trainer = Trainer(cfg, dist, model, save_dir)
-
     if cfg.evaluate or cfg.sample:
-        trainer.restore(ckpt, cfg.resume, training=False)
-        if cfg.sample:
-            path = trainer.sample(cfg.sample, cfg.temp, cfg.nrow)
-            if dist.is_main:
-                print(f"wrote {cfg.sample} samples to {path}")
-        if cfg.evaluate:
-            trainer.build_data(train=False)
-            res = trainer.validate(trainer.eval_model(), tight=True)
-            if not all(math.isfinite(v) for v in res.values() if isinstance(v, float)):
-                raise TrainingError(f"evaluating {cfg.resume} gave non-finite results ({', '.join(f'{k} {v}' for k, v in res.items())}); "
-                                    f"its weights are unstable: evaluate an earlier checkpoint")
-            if dist.is_main and "test_bpd" in res:
-                print(f"test bits/dim: {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f} ({res['n_images']} images)")
-            if dist.is_main and "test_acc" in res:
-                print(f"test accuracy: {res['test_acc']:.4f} ({res['n_images']} images)")
-            if dist.is_main:
-                out = {**res, "checkpoint": os.path.abspath(cfg.resume), "ema": bool(cfg.ema_val and ckpt.get("ema") is not None),
-                       "seed": cfg.seed, "dequant": cfg.dequant}
-                write_json(os.path.join(save_dir, "eval.json"), out)
-                print(f"wrote {os.path.join(save_dir, 'eval.json')}")
+        _evaluate_or_sample(cfg, dist, model, ckpt, save_dir)
         return 0
 
-    trainer.build_data(train=True)
+    trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume)
     if ckpt is not None:
-        trainer.restore(ckpt, cfg.resume)
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, trainer.epoch, trainer.step)
         if dist.is_main and ckpt.get("format") == "resflows" and _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models")):
             # Only the checkpoints the resumed state lists as its best belong to this run (a run killed between
@@ -117,23 +99,48 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
         if done:
             print(f"{PROG}: {cfg.resume} {done}; nothing to do (raise --max-iters or --nepochs to train on)")
             return 0
-    else:
-        trainer.initialize()
-    trainer.wrap()
-    trainer.open_writer()
     if hook:
         hook("ready", trainer)
-    try:
-        with stop_on_signals(trainer):
-            trainer.fit()
-    finally:
-        if trainer.writer:
-            trainer.writer.close()
+    with stop_on_signals(trainer):
+        trainer.fit()
     if hook:
         hook("done", trainer)
     if trainer.stop_signal:
         log.info("saved %s; continue with --resume", os.path.join(save_dir, "models", "most_recent.pth"))
     return 0
+
+
+def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, ckpt: Dict[str, Any], save_dir: str) -> None:
+    """--sample, then --evaluate, with the checkpoint's weights (its EMA unless --ema-val False); only the
+    weights are taken, so --seed governs the draws. Every rank takes part (the power iterations are
+    collective); rank 0 writes."""
+    model = model.to(dist.device)
+    ema = load_weights(cfg.resume, ckpt, model)
+    chosen = ema.model if cfg.ema_val else model
+    if cfg.sample:
+        prepare_for_eval(chosen).set_inverse_method(cfg.inverse)
+        if dist.is_main:
+            path = save_samples(chosen, cfg.sample, cfg.temp, os.path.join(save_dir, "samples"), image_shape(cfg)[0],
+                                cfg.nrow, dist.device)
+            print(f"wrote {cfg.sample} samples to {path}")
+        barrier()
+    if cfg.evaluate:
+        loader = build_data(cfg, dist, train=False).test_loader
+        prepare_for_eval(chosen)
+        tighten_lipschitz(chosen)
+        res = evaluation.evaluate(chosen, loader, cfg, dist.device, dist.is_main)
+        if not all(math.isfinite(v) for v in res.values() if isinstance(v, float)):
+            raise TrainingError(f"evaluating {cfg.resume} gave non-finite results ({', '.join(f'{k} {v}' for k, v in res.items())}); "
+                                f"its weights are unstable: evaluate an earlier checkpoint")
+        if dist.is_main and "test_bpd" in res:
+            print(f"test bits/dim: {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f} ({res['n_images']} images)")
+        if dist.is_main and "test_acc" in res:
+            print(f"test accuracy: {res['test_acc']:.4f} ({res['n_images']} images)")
+        if dist.is_main:
+            out = {**res, "checkpoint": os.path.abspath(cfg.resume), "ema": bool(cfg.ema_val and ckpt.get("ema") is not None),
+                   "seed": cfg.seed, "dequant": cfg.dequant}
+            write_json(os.path.join(save_dir, "eval.json"), out)
+            print(f"wrote {os.path.join(save_dir, 'eval.json')}")
 
 
 def _same_folder(a: str, b: str) -> bool:

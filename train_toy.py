@@ -20,10 +20,10 @@ import torch
 from resflows.cli import prepare_save_dir
 from resflows.config import ConfigError
 from resflows.entry import SaveLock, remove_leftovers, run_entry_point
+from resflows.runlog import setup_logger, stop_on_signals
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.toy.cli import parse_args
 from resflows.toy.train import prepare_runtime
-from resflows.trainer import setup_logger, stop_on_signals
 
 PROG = "train_toy.py"
 

@@ -11,20 +11,17 @@ iteration and reports images/s and the mean number of fixed-point iterations per
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
-                    int_at_least, machine, peak_rss_mb, report_failures, run_child, run_main, table, train_config,
-                    write_results)
+from common import (CONFIGS, OneLineArgumentParser, inputs_for, int_at_least, machine, parse_bench_args,  # noqa: E402
+                    peak_rss_mb, report_failures, run_child, run_main, table, train_config, write_results)
 
 PRESETS = {"make": [("mnist", 297, 64)], "quick": [("mnist", 297, 16)]}
 
@@ -33,10 +30,10 @@ def child(args) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from resflows.distributed import DistInfo
+    from resflows.evaluation import evaluate, prepare_for_eval
     from resflows.factory import model_config_from
     from resflows.model import ResidualFlow
-    from resflows.trainer import EMA, Trainer
+    from resflows.optim import EMA
 
     try:
         from resflows.runtime import tune_cpu_runtime
@@ -49,13 +46,13 @@ def child(args) -> None:
     torch.manual_seed(0)
     cfg = train_config(args.config, seed=0)
     model = ResidualFlow(model_config_from(cfg)).to(device)
-    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
+    model.check_values = False  # as the trainer: the inputs are valid images
     x = inputs_for(cfg, args.images)
     with torch.no_grad():
         model.train()
         model.transform(x[: cfg.batchsize].to(device))  # ActNorm initialisation
-    trainer.ema = EMA(model)
-    trainer.test_loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=cfg.val_batchsize)
+    ema = EMA(model)
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=cfg.val_batchsize)
 
     def sync():
         if device.type == "cuda":
@@ -64,12 +61,12 @@ def child(args) -> None:
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        res = trainer.validate(trainer.eval_model())
+        res = evaluate(prepare_for_eval(ema.model), loader, cfg, device)  # as the trainer validates
         sync()
         times.append(time.perf_counter() - t0)
     val_s = statistics.median(times)
 
-    ema = trainer.ema.model.eval()
+    ema = ema.model.eval()
     blocks = ema.iresblocks()
     s_times, iters = [], []
     for r in range(args.repeats):
@@ -93,17 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int_at_least(1), default=297, help="test images to evaluate")
     p.add_argument("--samples", type=int_at_least(1), default=64, help="samples to draw")
     p.add_argument("--repeats", type=int_at_least(1), default=3)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_eval.json"),
-                   help="results file, replaced only when every measurement succeeds")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        check_device(args.device)
-        if not args.child:
-            check_json_path(args.json)
-    except BenchError as e:
-        p.error(str(e))
+    args = parse_bench_args(p, argv, "bench_eval.json")
     if args.child:
         args.config = args.config[0]
         child(args)

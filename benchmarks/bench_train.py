@@ -27,8 +27,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, MODES, BenchError, OneLineArgumentParser, check_device, check_json_path, inputs_for,  # noqa: E402
-                    int_at_least, machine, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
+from common import (CONFIGS, MODES, OneLineArgumentParser, bench_trainer, int_at_least, machine,  # noqa: E402
+                    parse_bench_args, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
                     write_results)
 
 PRESETS = {
@@ -41,11 +41,6 @@ PRESETS = {
 
 def child(args) -> None:
     import torch
-
-    from resflows.distributed import DistInfo
-    from resflows.factory import model_config_from
-    from resflows.model import ResidualFlow
-    from resflows.trainer import EMA, Trainer
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
@@ -60,15 +55,7 @@ def child(args) -> None:
     cfg = train_config(args.config, n_power_series=args.terms, seed=0, **MODES[args.mode])
     if args.batch:
         cfg.batchsize = args.batch
-    model = ResidualFlow(model_config_from(cfg)).to(device)
-    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
-    x = inputs_for(cfg, cfg.batchsize).to(device)
-    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-    with torch.no_grad():
-        model.train()
-        model.transform(x)  # data-dependent ActNorm initialisation
-    trainer.ema = EMA(model)
-    trainer.wrap()
+    trainer, x, y = bench_trainer(cfg, device)
     base = rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,17 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int_at_least(1), default=None, help="override the configuration's batch size")
     p.add_argument("--steps", type=int_at_least(1), default=7)
     p.add_argument("--warmup", type=int_at_least(0), default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_train.json"),
-                   help="results file, replaced only when every measurement succeeds")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        check_device(args.device)
-        if not args.child:
-            check_json_path(args.json)
-    except BenchError as e:
-        p.error(str(e))
+    args = parse_bench_args(p, argv, "bench_train.json")
     if args.child:
         args.config, args.mode = args.config[0], args.mode[0]
         child(args)

@@ -75,6 +75,24 @@ def inputs_for(cfg: TrainConfig, n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=g)
 
 
+def bench_trainer(cfg: TrainConfig, device: torch.device):
+    """A Trainer for ``cfg`` on one batch of benchmark inputs (ActNorm initialised on it, EMA, wrapped), built
+    as train_img.py builds it; returns (trainer, x, y) for timing ``forward_backward`` + ``optimize``."""
+    import tempfile
+
+    from resflows.distributed import DistInfo
+    from resflows.factory import model_config_from
+    from resflows.loaders import tensor_data
+    from resflows.model import ResidualFlow
+    from resflows.trainer import Trainer
+
+    model = ResidualFlow(model_config_from(cfg)).to(device)
+    x = inputs_for(cfg, cfg.batchsize).to(device)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp(), data=tensor_data(x, y, cfg.batchsize))
+    return trainer, x, y
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -182,6 +200,24 @@ def check_json_path(path: str) -> str:
     if not os.access(folder, os.W_OK):
         raise BenchError(f"--json {path}: its folder {folder} is not writable")
     return path
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv, results_name: str) -> argparse.Namespace:
+    """Adds the flags every measuring script has (--device, --json defaulting to ``results/RESULTS_NAME``,
+    the hidden --child), parses ``argv`` and checks the device and, in the parent process, the results path:
+    a bad value is a one-line flag error."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", default=os.path.join(HERE, "results", results_name),
+                   help="results file, replaced only when every measurement succeeds")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        check_device(args.device)
+        if not args.child:
+            check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
+    return args
 
 
 def write_results(path: str, record: Dict[str, Any]) -> None:

@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MODES, inputs_for, machine, peak_rss_mb, rss_mb, train_config  # noqa: E402
+from common import MODES, bench_trainer, machine, peak_rss_mb, rss_mb, train_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,26 +33,14 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import profile
 
-    from resflows.distributed import DistInfo
-    from resflows.factory import model_config_from
-    from resflows.model import ResidualFlow
     from resflows.runtime import tune_cpu_runtime
-    from resflows.trainer import EMA, Trainer
 
     device = torch.device(args.device)
     if device.type == "cpu":
         tune_cpu_runtime()
     torch.manual_seed(0)
     cfg = train_config(args.config, seed=0, **MODES[args.mode])
-    model = ResidualFlow(model_config_from(cfg)).to(device)
-    trainer = Trainer(cfg, DistInfo(device=device), model, tempfile.mkdtemp())
-    x = inputs_for(cfg, cfg.batchsize).to(device)
-    y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-    with torch.no_grad():
-        model.train()
-        model.transform(x)
-    trainer.ema = EMA(model)
-    trainer.wrap()
+    trainer, x, y = bench_trainer(cfg, device)
 
     def step():
         trainer.forward_backward(x, y, sync=True, n_accum=1)

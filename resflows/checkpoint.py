@@ -9,21 +9,23 @@ Our format is a plain dict of tensors, state_dicts and primitives that loads wit
      'epoch': int, 'itr': int, 'best_test_bpd': float or None, 'last_test_bpd': float or None,
      'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple}}
 
-Writes are atomic (temporary file in the same folder, flush, fsync, rename), so a crash never leaves a
-truncated checkpoint behind.
+Writes are atomic (:func:`atomic_write`: temporary file in the same folder, flush, fsync, rename), so a
+crash never leaves a truncated checkpoint or JSON file behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Tuple
 
 import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig
 from .legacy import NotACheckpointError, load_paper_checkpoint
+from .optim import EMA
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,11 +33,13 @@ __all__ = [
     "NonFiniteError",
     "nonfinite_tensors",
     "check_weights_fit",
+    "atomic_write",
     "atomic_save",
     "write_json",
     "save_checkpoint",
     "read_checkpoint",
     "load_model",
+    "load_weights",
     "rng_state",
     "set_rng_state",
 ]
@@ -78,26 +82,25 @@ def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
     return bad
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place.
+TMP_PREFIX = ".tmp-"  # temporary files of interrupted writes start with it (see resflows.entry.remove_leftovers)
 
-    Refuses (:class:`NonFiniteError`) to write any object holding a non-finite floating-point tensor, so
-    no checkpoint ever holds NaN or infinite weights; an OSError (a full disk...) names ``path``. Either
-    way the file already at ``path`` is kept and no temporary file is left behind."""
-    bad = nonfinite_tensors(obj)
-    if bad:
-        raise NonFiniteError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinite values "
-                             f"(first: {bad[0]}); the files already there are kept")
+
+def atomic_write(path: str, write: Callable[[BinaryIO], Any], suffix: str = "") -> None:
+    """Write ``path`` all or nothing: ``write(f)`` fills a temporary binary file beside it, which is flushed,
+    fsynced and renamed into place, so a crash never leaves a truncated file behind.
+
+    On any failure the file already at ``path`` is kept and the temporary file removed; an OSError (a full
+    disk...) names ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=folder)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,25 +112,22 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-TMP_PREFIX = ".tmp-"
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` ``obj`` to ``path`` with :func:`atomic_write`.
+
+    Refuses (:class:`NonFiniteError`) to write any object holding a non-finite floating-point tensor, so
+    no checkpoint ever holds NaN or infinite weights; the file already at ``path`` is then kept."""
+    bad = nonfinite_tensors(obj)
+    if bad:
+        raise NonFiniteError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinite values "
+                             f"(first: {bad[0]}); the files already there are kept")
+    atomic_write(path, lambda f: torch.save(obj, f), ".pth")
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN and infinity refused: they are not JSON), atomically."""
-    import json
-
+    """Write ``obj`` as strict JSON (NaN and infinity refused: they are not JSON) with :func:`atomic_write`."""
     text = json.dumps(obj, indent=2, allow_nan=False)  # ValueError before anything is written
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write((text + "\n").encode()), ".json")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -360,5 +360,17 @@ def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     if ema:
-        model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
+        from .evaluation import tighten_lipschitz
+
+        tighten_lipschitz(model)
     return model.eval()
+
+
+def load_weights(path: str, ckpt: Dict[str, Any], model: torch.nn.Module) -> EMA:
+    """Load a checkpoint's weights into ``model`` and return the EMA: the checkpoint's EMA weights, or a copy
+    of ``model`` where it has none."""
+    load_state(path, model, ckpt["model"])
+    ema = EMA(model)
+    if ckpt.get("ema") is not None:
+        load_state(path, ema.model, ckpt["ema"], "EMA")
+    return ema

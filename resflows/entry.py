@@ -32,7 +32,7 @@ EXIT_INTERRUPTED = 130
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .trainer import TrainingError
+    from .runlog import TrainingError
 
     # DataNotFoundError is a FileNotFoundError, hence an OSError.
     return (ConfigError, CheckpointError, TrainingError, OSError, MemoryError, _OOM)

@@ -1,16 +1,24 @@
-"""Log-likelihood in bits per dimension, with the dequantisation and padding terms."""
+"""The training losses: log-likelihood in bits per dimension (with the dequantisation and padding terms),
+and the density / classification / hybrid objectives built on it (:func:`compute_loss`)."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import check_bpd_args
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .model import ResidualFlow
+
 Tensor = torch.Tensor
 
-__all__ = ["standard_normal_logprob", "padding_logprob", "bits_per_dim"]
+__all__ = ["standard_normal_logprob", "padding_logprob", "bits_per_dim", "LossOut", "ModelForward", "compute_loss"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -46,3 +54,61 @@ def bits_per_dim(z: Tensor, logdet: Tensor, image_shape: Sequence[int], nvals: i
     if logpu is not None:
         logpx = logpx - logpu
     return -logpx / (c * h * w) / math.log(2)
+
+
+@dataclass
+class LossOut:
+    """What :func:`compute_loss` returns: the loss to minimise and the terms logged beside it."""
+    loss: Tensor
+    bpd: Optional[Tensor] = None  # per example
+    logpz: Optional[Tensor] = None
+    logdet: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    crossent: Optional[Tensor] = None
+
+
+class ModelForward(nn.Module):
+    """``forward(x, mode)`` over the model's entry points, so DistributedDataParallel wraps one forward:
+    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits."""
+
+    def __init__(self, model: "ResidualFlow"):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mode: str = "density"):
+        if mode == "classify":
+            return self.model.classify(x)
+        if mode == "hybrid":
+            return self.model.forward_with_logits(x)
+        return self.model(x)
+
+
+def compute_loss(forward: nn.Module, x: Tensor, y: Tensor, cfg: "TrainConfig", image_shape: Sequence[int], nvals: int,
+                 beta: float = 1.0) -> LossOut:
+    """The density / classification / hybrid losses of the paper (bits/dim, cross-entropy, their sum).
+
+    ``forward(x, mode)`` is a :class:`ModelForward` (possibly inside DistributedDataParallel).
+    """
+    out = LossOut(loss=x.new_zeros(()))
+    if cfg.task == "classification":
+        logits = forward(x, "classify")
+        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
+        out.loss = out.crossent
+        return out
+    if cfg.task == "hybrid":
+        z, logdet, logits = forward(x, "hybrid")
+        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
+    else:
+        z, logdet = forward(x, "density")
+    logpu = padding_logprob(x, image_shape[0], nvals, cfg.padding_dist) if cfg.padding else None
+    out.bpd = bits_per_dim(z, logdet, image_shape, nvals, cfg.padding, logpu, beta)
+    out.logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
+    out.logdet = logdet
+    bpd = out.bpd.mean()
+    if cfg.task == "density":
+        out.loss = bpd
+    else:
+        if not cfg.scale_dim:
+            bpd = bpd * math.prod(image_shape)
+        out.loss = bpd + out.crossent / math.log(2)  # cross-entropy in bits
+    return out

@@ -1,325 +1,98 @@
-"""Training, validation, evaluation and sampling for image Residual Flows.
+"""The training loop for image Residual Flows.
 
-``Trainer`` owns one run: the model (wrapped in DistributedDataParallel under ``torchrun``), its EMA copy,
-the optimiser and LR schedule, the data loaders, checkpoints and logs. The loop reads top to bottom in
-``fit``: ``run_step`` -> ``forward_backward`` -> ``optimize`` (clip, step, Lipschitz update, EMA), with
-``validate`` / ``save`` every epoch.
+``Trainer`` owns one training run: the model (wrapped in DistributedDataParallel under ``torchrun``), its EMA
+copy, the optimiser and LR schedule, the data loaders, checkpoints and logs. Construction leaves it ready to
+train (data built, weights restored or ActNorm initialised, model wrapped); the loop reads top to bottom in
+``fit``: ``train_epoch`` -> ``forward_backward`` -> ``optimize`` (clip, step, Lipschitz update, EMA) ->
+``log_step``, with ``validate`` / ``save`` every epoch.
+
+The pieces live beside it: the loss in :mod:`resflows.losses`, optimiser, schedule and EMA in
+:mod:`resflows.optim`, loaders in :mod:`resflows.loaders`, evaluation and sampling in
+:mod:`resflows.evaluation`, logging, progress bars and signals in :mod:`resflows.runlog`.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import os
-import random
-import signal
-import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_state, nonfinite_tensors, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, ModelConfig, TrainConfig
-from .datasets import build_dataset, get_spec
-from .distributed import (
-    DistInfo,
-    ResumableDistributedSampler,
-    ShardSampler,
-    all_reduce_mean,
-    all_reduce_sum,
-    barrier,
-    broadcast_buffers,
-    is_distributed,
-)
-from .factory import image_size, model_config_from, nvals_of
-from .layers.lipschitz import LipschitzMap, norm_order_gradients
-from .losses import bits_per_dim, padding_logprob
+from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
+from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
+from .factory import nvals_of
+from .layers.lipschitz import norm_order_gradients
+from .loaders import RunData, build_data
+from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
+from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
+from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress
 
-__all__ = ["Trainer", "TrainingError", "EMA", "LRSchedule", "ModelForward", "compute_loss", "make_optimizer", "paper_optimizer_state",
-           "setup_logger", "stop_on_signals"]
+__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM"]
 
 logger = logging.getLogger("resflows")
 
-MAX_NONFINITE_STEPS = 5
-KEEP_BEST = 5
+KEEP_BEST = 5  # checkpt-EPOCH.pth files kept: the lowest test bits/dim
+GRAD_CLIP_NORM = 1.0  # gradient norm clipped to, as the paper's train_img.py (hard-coded there too)
+# Re-seeding when a checkpoint's random streams do not fit the number of ranks: seed + rank + RESEED_STRIDE *
+# (step + 1), a prime stride, so that the streams of different steps and ranks do not coincide.
+RESEED_STRIDE = 7919
+VIS_SEED_OFFSET = 12345  # the fixed latents of the visualisation grid: a stream apart from training's
+VIS_IMAGES = 8  # images per row of the visualisation grid (real, samples, reconstructions)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. the loss stayed non-finite); the message says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Pieces
-# ------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the parameters, kept as a full model copy (DiT-style).
-
-    Buffers follow the training model (ActNorm flags, running means), except the power-iteration state
-    (``u``, ``v``, ``scale``), which belongs to the averaged weights and is re-estimated before use.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._skip = {n for n, _ in self._power_buffers(self.model)}
-
-    @staticmethod
-    def _power_buffers(model: nn.Module):
-        for name, m in model.named_modules():
-            if isinstance(m, LipschitzMap):
-                for b in ("u", "v", "scale"):
-                    if hasattr(m, b):
-                        yield f"{name}.{b}" if name else b, getattr(m, b)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
-        src = dict(model.named_buffers())
-        for name, b in self.model.named_buffers():
-            if name not in self._skip:
-                b.copy_(src[name])
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-
-class LRSchedule:
-    """Linear warm-up over ``--warmup-iters`` batches, then ``--scheduler`` (if set) by epoch:
-    cosine warm restarts (T0 = 20 epochs, Tmult 2) for adam, x0.2 at 60/120/160 for SGD, nothing for
-    adamax / rmsprop (the paper's choice). (The paper's warm-up overwrote the LR every iteration, so its
-    scheduler never applied.)"""
-
-    def __init__(self, cfg: TrainConfig):
-        self.base_lr, self.warmup = cfg.lr, max(cfg.warmup_iters, 0)
-        self.kind = {"adam": "cosine", "sgd": "multistep"}.get(cfg.optimizer) if cfg.scheduler else None
-
-    def factor(self, itr: int, epoch_float: float) -> float:
-        f = min(1.0, (itr + 1) / self.warmup) if self.warmup > 0 else 1.0
-        if self.kind == "cosine":
-            t0, t_cur = 20.0, epoch_float
-            while t_cur >= t0:  # warm restarts with doubling periods
-                t_cur -= t0
-                t0 *= 2
-            f *= 0.5 * (1 + math.cos(math.pi * t_cur / t0))
-        elif self.kind == "multistep":
-            f *= 0.2 ** sum(epoch_float >= m for m in (60, 120, 160))
-        return f
-
-    def lr(self, itr: int, epoch_float: float) -> float:
-        return self.base_lr * self.factor(itr, epoch_float)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "base_lr": self.base_lr, "warmup": self.warmup}
-
-
-def paper_optimizer_state(paper: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
-    """The optimiser state of a paper checkpoint, re-indexed for ``optimizer``.
-
-    The paper's single parameter group holds every model parameter, the frozen ``geom_p`` / ``lamb``
-    included (92 entries where ours has 78); ours holds the trainable ones. Entries are matched by position in
-    ``model.parameters()`` (the same order in both codes, as the state_dict keys are); the frozen ones are
-    dropped. Raises ValueError when the layout does not fit.
-    """
-    params = list(model.parameters())
-    groups = paper.get("param_groups") or []
-    ids = [i for g in groups for i in g["params"]]
-    if len(ids) != len(params):
-        raise ValueError(f"it covers {len(ids)} parameters, the model has {len(params)}")
-    ours = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    state: Dict[int, Dict[str, Any]] = {}
-    for pid, p in zip(ids, params):
-        entry = paper["state"].get(pid)
-        if entry is None or id(p) not in index:
-            continue
-        entry = dict(entry)
-        for k, v in entry.items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
-                raise ValueError(f"its {k!r} for a parameter of shape {tuple(p.shape)} has shape {tuple(v.shape)}")
-        if "step" in entry and not torch.is_tensor(entry["step"]):
-            entry["step"] = torch.tensor(float(entry["step"]))  # torch.optim keeps the step as a tensor
-        state[index[id(p)]] = entry
-    return {"state": state, "param_groups": ours["param_groups"]}
-
-
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """torch.optim optimisers; ``--wd`` is decoupled for adam (AdamW) and L2 for the others."""
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
-    if cfg.optimizer == "adamax":
-        return torch.optim.Adamax(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.wd)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.wd)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.wd)
-    raise ConfigError(f"unknown --optimizer {cfg.optimizer!r}")
-
-
-@dataclass
-class LossOut:
-    loss: torch.Tensor
-    bpd: Optional[torch.Tensor] = None  # per example
-    logpz: Optional[torch.Tensor] = None
-    logdet: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    crossent: Optional[torch.Tensor] = None
-
-
-def compute_loss(forward: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, image_shape, nvals: int,
-                 beta: float = 1.0) -> LossOut:
-    """The density / classification / hybrid losses of the paper (bits/dim, cross-entropy, their sum).
-
-    ``forward(x, mode)`` is a :class:`ModelForward` (possibly inside DistributedDataParallel).
-    """
-    from .losses import standard_normal_logprob
-
-    out = LossOut(loss=x.new_zeros(()))
-    if cfg.task == "classification":
-        logits = forward(x, "classify")
-        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
-        out.loss = out.crossent
-        return out
-    if cfg.task == "hybrid":
-        z, logdet, logits = forward(x, "hybrid")
-        out.logits, out.crossent = logits, F.cross_entropy(logits, y)
-    else:
-        z, logdet = forward(x, "density")
-    logpu = padding_logprob(x, image_shape[0], nvals, cfg.padding_dist) if cfg.padding else None
-    out.bpd = bits_per_dim(z, logdet, image_shape, nvals, cfg.padding, logpu, beta)
-    out.logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
-    out.logdet = logdet
-    bpd = out.bpd.mean()
-    if cfg.task == "density":
-        out.loss = bpd
-    else:
-        if not cfg.scale_dim:
-            bpd = bpd * math.prod(image_shape)
-        out.loss = bpd + out.crossent / math.log(2)  # cross-entropy in bits
-    return out
-
-
-class ModelForward(nn.Module):
-    """``forward(x, mode)`` over the model's entry points, so DistributedDataParallel wraps one forward:
-    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits."""
-
-    def __init__(self, model: ResidualFlow):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, mode: str = "density"):
-        if mode == "classify":
-            return self.model.classify(x)
-        if mode == "hybrid":
-            return self.model.forward_with_logits(x)
-        return self.model(x)
-
-
-def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:
-    """Console and ``SAVE/logs`` logging (rank 0 only)."""
-    log = logging.getLogger("resflows")
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    if not is_main:
-        log.addHandler(logging.NullHandler())
-        return log
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    log.addHandler(console)
-    if save_dir:
-        fh = logging.FileHandler(os.path.join(save_dir, "logs"))
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-    return log
-
-
-def _progress(iterable, enabled: bool, **kw):
-    from tqdm import tqdm
-
-    # Quiet when output is not a terminal (logs, CI), and on non-zero ranks.
-    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
-
-
-# ------------------------------------------------------------------------------------------------
-# The trainer
-# ------------------------------------------------------------------------------------------------
 class Trainer:
-    """One training run (or an evaluation / sampling job) for ``train_img.py``."""
+    """One training run for ``train_img.py``, complete once constructed.
 
-    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, model: ResidualFlow, save_dir: str):
+    ``data`` defaults to :func:`resflows.loaders.build_data` on ``cfg``. With ``ckpt`` (a
+    :func:`resflows.checkpoint.read_checkpoint` dict, read from ``ckpt_path``) the weights, EMA, optimiser,
+    counters and random streams continue from it; without, ActNorm is initialised on a first training batch.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, model: ResidualFlow, save_dir: str,
+                 ckpt: Optional[Dict[str, Any]] = None, ckpt_path: str = "the checkpoint", data: Optional[RunData] = None):
         self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
-        spec = get_spec(cfg.data)
-        self.image_shape = (spec.im_dim, image_size(cfg), image_size(cfg))
+        self.image_shape = image_shape(cfg)
         self.nvals = nvals_of(cfg)
-        self.ema: Optional[EMA] = None
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.schedule = LRSchedule(cfg)
-        self.epoch, self.batch_in_epoch, self.itr, self.step = cfg.begin_epoch, 0, 0, 0
+        data = data if data is not None else build_data(cfg, dist_info, train=True)
+        self.train_set, self.sampler, self.train_loader = data.train_set, data.sampler, data.train_loader
+        self.test_loader = data.test_loader
+        self.batches_per_epoch = data.batches_per_epoch
+        self.epoch, self.batch_in_epoch = cfg.begin_epoch, 0
+        # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
+        # run) does not repeat the warm-up. Our checkpoints restore their own counters.
+        self.itr = self.epoch * self.batches_per_epoch
+        self.step = self.itr // cfg.update_freq
         self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
         self.last_test_bpd: Optional[float] = None
-        self.stop_signal: Optional[str] = None
+        self.stop_signal: Optional[str] = None  # set by resflows.runlog.stop_on_signals
         self.stop_now = False  # the stop decision every rank agreed on at the last step
         self.nonfinite_in_a_row = 0
-        self.writer = None
-        self.ddp: Optional[nn.Module] = None
-        self.train_loader = self.test_loader = None
+        self.writer = None  # TensorBoard, open during fit on rank 0
         self._vis_batch = None
-        self.batches_per_epoch = 1
+        if ckpt is not None:
+            self._restore(ckpt, ckpt_path)
+        else:
+            self._initialize()
+        self.ddp = self._wrap()
 
-    # -- set-up ----------------------------------------------------------------------------------
     @property
     def per_rank_batch(self) -> int:
         return self.cfg.batchsize // self.dist.world_size
 
-    def build_data(self, train: bool = True) -> None:
-        cfg, d = self.cfg, self.dist
-        seed = cfg.seed or 0
-        common = dict(dataroot=cfg.dataroot, imagesize=image_size(cfg), nbits=cfg.nbits, task=cfg.task,
-                      add_noise=cfg.add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
-                      rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed, dequant=cfg.dequant)
-        # More workers than cores only adds contention (torch warns about it): cap at the cores we have.
-        workers = max(0, min(cfg.nworkers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-        # Own generator: creating loader iterators must not consume the global RNG (exact resume). Workers
-        # are not persistent: each epoch's workers must see the dataset's new epoch (its noise and flips).
-        loader_kw = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
-                         persistent_workers=False, generator=torch.Generator())
-        self.test_set = build_dataset(cfg.data, train=False, **common)
-        self.test_set.set_epoch(-1)  # fixed dequantisation noise: test bits/dim comparable across epochs
-        self.test_loader = DataLoader(self.test_set, batch_size=max(cfg.val_batchsize // d.world_size, 1),
-                                      sampler=ShardSampler(len(self.test_set), d.rank, d.world_size), **loader_kw)
-        if train:
-            self.train_set = build_dataset(cfg.data, train=True, **common)
-            if len(self.train_set) < cfg.batchsize:
-                raise ConfigError(f"--batchsize {cfg.batchsize} is larger than the training set ({len(self.train_set)} images)")
-            self.sampler = ResumableDistributedSampler(self.train_set, self.per_rank_batch, d.world_size, d.rank, True, seed)
-            self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.sampler,
-                                           drop_last=True, **loader_kw)
-            # Full epoch length (len(train_loader) shrinks when a resumed epoch skips its first batches).
-            self.batches_per_epoch = self.sampler.num_samples // self.per_rank_batch
-            # The paper's iteration counter is epoch x batches per epoch, so --begin-epoch (continuing a paper
-            # run) does not repeat the warm-up. Our checkpoints restore their own counters afterwards.
-            self.itr = self.epoch * self.batches_per_epoch
-            self.step = self.itr // cfg.update_freq
-
-    def wrap(self) -> None:
+    # -- set-up ----------------------------------------------------------------------------------
+    def _wrap(self) -> nn.Module:
         """Under torchrun: DistributedDataParallel (buffers are synchronised explicitly after each step)."""
         module = ModelForward(self.model)
         if is_distributed():
@@ -329,12 +102,11 @@ class Trainer:
             if orders:
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, orders)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
-        else:
-            self.ddp = module
+            return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        return module
 
     @torch.no_grad()
-    def initialize(self) -> None:
+    def _initialize(self) -> None:
         """Data-dependent ActNorm initialisation on a first batch (all ranks, statistics pooled), then the
         EMA copy, so that it starts from initialised weights."""
         if is_distributed():
@@ -349,11 +121,19 @@ class Trainer:
         broadcast_buffers(self.model)
         self.ema = EMA(self.model)
 
-    def open_writer(self) -> None:
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """``SAVE/tb`` open on rank 0 for the duration of ``fit``."""
         if self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.save_dir, "tb"))
+        try:
+            yield
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -366,7 +146,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "epoch": self.epoch,
@@ -411,15 +191,9 @@ class Trainer:
                 self.best = cand[:KEEP_BEST]
         barrier()
 
-    def restore(self, ckpt: Dict[str, Any], path: str, training: bool = True) -> None:
-        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's. With
-        ``training=False`` (evaluate / sample) only the weights are taken, so ``--seed`` governs the draws."""
-        load_state(path, self.model, ckpt["model"])
-        self.ema = EMA(self.model)
-        if ckpt.get("ema") is not None:
-            load_state(path, self.ema.model, ckpt["ema"], "EMA")
-        if not training:
-            return
+    def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
+        """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's."""
+        self.ema = load_weights(path, ckpt, self.model)
         saved_opt = (ckpt.get("config") or {}).get("optimizer")
         if ckpt.get("optimizer") and saved_opt == self.cfg.optimizer:
             try:
@@ -449,7 +223,7 @@ class Trainer:
                 rng = None  # one saved stream would make every rank draw the same probes and series lengths
             if rng is None:
                 logger.info("the checkpoint's random streams do not fit %d rank(s): re-seeding per rank", self.dist.world_size)
-                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + 7919 * (self.step + 1))
+                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + RESEED_STRIDE * (self.step + 1))
             else:
                 try:
                     set_rng_state(rng)
@@ -469,6 +243,11 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
+        """Train until --nepochs or --max-iters, or a stop signal (then saving ``most_recent.pth``)."""
+        with self._tensorboard():
+            self._fit()
+
+    def _fit(self) -> None:
         cfg = self.cfg
         n_batches = self.batches_per_epoch
         if n_batches == 0:
@@ -493,7 +272,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         n_total = self.batches_per_epoch
-        bar = _progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
+        bar = progress(self.train_loader, self.dist.is_main, desc=f"epoch {self.epoch}", total=len(self.train_loader))
         accum: List[Dict[str, float]] = []
         for x, y in bar:
             last_of_epoch = self.batch_in_epoch + 1 == n_total
@@ -545,7 +324,7 @@ class Trainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(self.cfg.update_freq / n_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         # One tiny collective: every rank agrees on skipping and on stopping.
         flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
         if is_distributed():
@@ -634,50 +413,15 @@ class Trainer:
     def eval_model(self) -> ResidualFlow:
         """EMA weights (unless --ema-val False) with power iterations re-run for them; the training
         model's u/v are left untouched (the paper leaked the EMA's into them)."""
-        if self.cfg.ema_val and self.ema is not None:
-            model = self.ema.model
-        else:
-            model = self.model
-        model.update_lipschitz()
-        broadcast_buffers(model)
-        return model.eval()
+        return prepare_for_eval(self.ema.model if self.cfg.ema_val else self.model)
 
-    @torch.no_grad()
     def validate(self, model: Optional[ResidualFlow] = None, tight: bool = False, label: Optional[int] = None) -> Dict[str, Any]:
         """Test bits/dim (mean, standard error, count) over every test image exactly once; accuracy for
-        classification / hybrid."""
+        classification / hybrid (:func:`resflows.evaluation.evaluate`)."""
         model = model or self.eval_model()
         if tight:
-            model.update_lipschitz(atol=1e-6, rtol=1e-6, max_iterations=2000)
-        model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, sum bpd, sum bpd^2, correct, xent
-        t0 = time.time()
-        for x, y in _progress(self.test_loader, self.dist.is_main, desc="validate"):
-            x, y = x.to(self.device), y.to(self.device)
-            out = compute_loss(ModelForward(model), x, y, self.cfg, self.image_shape, self.nvals)
-            sums[0] += x.shape[0]
-            if out.bpd is not None:
-                sums[1] += out.bpd.double().sum()
-                sums[2] += (out.bpd.double() ** 2).sum()
-            if out.logits is not None:
-                sums[3] += (out.logits.argmax(1) == y).double().sum()
-                sums[4] += F.cross_entropy(out.logits, y, reduction="sum").double()
-        sums = all_reduce_sum(sums)
-        n = int(sums[0].item())
-        res: Dict[str, Any] = {"n_images": n, "seconds": time.time() - t0}
-        if self.cfg.task != "classification":
-            mean = sums[1].item() / n
-            var = max(sums[2].item() / n - mean**2, 0.0) * n / max(n - 1, 1)
-            res.update(test_bpd=mean, test_bpd_stderr=math.sqrt(var / n))
-        if self.cfg.task != "density":
-            res.update(test_acc=sums[3].item() / n, test_crossent=sums[4].item() / n)
-        msg = f"epoch {label} | test" if label is not None else "test"
-        if "test_bpd" in res:
-            msg += f" bits/dim {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f}"
-        if "test_acc" in res:
-            msg += f" acc {res['test_acc']:.4f}"
-        logger.info("%s (%d images, %.1f s)", msg, n, res["seconds"])
-        return res
+            tighten_lipschitz(model)
+        return evaluate(model, self.test_loader, self.cfg, self.device, self.dist.is_main, label)
 
     @torch.no_grad()
     def visualize(self) -> None:
@@ -689,8 +433,8 @@ class Trainer:
         model.eval()
         if self._vis_batch is None:
             x, _ = next(iter(self.test_loader))
-            g = torch.Generator().manual_seed((self.cfg.seed or 0) + 12345)
-            self._vis_batch = (x[:8].to(self.device), torch.randn(8, model.latent_dim, generator=g).to(self.device))
+            g = torch.Generator().manual_seed((self.cfg.seed or 0) + VIS_SEED_OFFSET)
+            self._vis_batch = (x[:VIS_IMAGES].to(self.device), torch.randn(VIS_IMAGES, model.latent_dim, generator=g).to(self.device))
         x, z_fixed = self._vis_batch
         c = self.image_shape[0]
         model.set_inverse_method(self.cfg.inverse)
@@ -700,57 +444,8 @@ class Trainer:
         folder = os.path.join(self.save_dir, "imgs")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"e{self.epoch:03d}_i{self.step:06d}.png")
-        save_image(grid, path, nrow=8)
+        save_image(grid, path, nrow=VIS_IMAGES)
         if self.writer:
-            self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=8), self.step)
+            self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
 
-    @torch.no_grad()
-    def sample(self, n: int, temp: float, nrow: Optional[int]) -> Optional[str]:
-        """A PNG grid of ``n`` samples ``x = f^{-1}(z)``, ``z ~ N(0, temp^2 I)``, under ``SAVE/samples/``.
-        Called on every rank (the power iterations are collective); rank 0 draws and writes."""
-        from torchvision.utils import save_image
-
-        model = self.eval_model()
-        model.set_inverse_method(self.cfg.inverse)
-        path = None
-        if self.dist.is_main:
-            c = self.image_shape[0]
-            chunks = []
-            for i in range(0, n, 64):
-                z = torch.randn(min(64, n - i), model.latent_dim, device=self.device) * temp
-                x = model.inverse(z)[:, :c]  # drop --padding channels
-                if not torch.isfinite(x).all():
-                    raise TrainingError(f"sampling at --temp {temp:g} gave non-finite images (the inverse diverged); "
-                                        f"nothing was written. Try a lower --temp or an earlier checkpoint")
-                chunks.append(x.clamp(0, 1).cpu())
-            folder = os.path.join(self.save_dir, "samples")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")
-            save_image(torch.cat(chunks), path, nrow=nrow or max(int(math.sqrt(n)), 1))
-        barrier()
-        return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Signals
-# ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGTERM / SIGINT ask the loop to save ``most_recent.pth`` at the next step and stop cleanly;
-    a second SIGINT interrupts at once."""
-    previous = {}
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if trainer.stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.stop_signal = name
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        previous[s] = signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

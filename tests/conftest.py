@@ -24,3 +24,19 @@ def _seed():
 @pytest.fixture
 def reference_dir() -> pathlib.Path:
     return REFERENCE
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No dataset downloads: a missing file is an error naming where it goes (RESFLOWS_OFFLINE)."""
+    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: for small models thread synchronisation costs more than it saves (several times
+    more on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

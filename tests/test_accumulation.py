@@ -11,9 +11,7 @@ ARGS = ["--data", "digits", "--nblocks", "1", "--idim", "8", "--fc-idim", "16", 
         "--max-iters", "1", "--print-freq", "1", "--vis-freq", "1000", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def _train(tmp_path, monkeypatch, name, batch, update_freq):

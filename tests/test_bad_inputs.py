@@ -18,10 +18,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import typing
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -29,17 +28,14 @@ import torch
 import train_img
 import train_toy
 from tests.conftest import REPO
+from tests.helpers import TINY
 
-TINY = ["--data", "digits", "--nblocks", "1-1", "--idim", "8", "--fc-idim", "16", "--batchsize", "50",
-        "--nworkers", "0", "--print-freq", "1", "--vis-freq", "1000", "--seed", "1"]
 TOY = ["--nblocks", "1", "--dims", "8", "--niters", "2", "--batch_size", "20", "--test_batch_size", "20",
        "--viz_npts", "4", "--viz_samples", "4", "--viz_freq", "1000", "--val_freq", "1", "--seed", "1"]
 CKPT = "{run}/models/most_recent.pth"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +96,7 @@ def _full_disk(tmp, run, monkeypatch):
 
 
 def _nan_ema_after_step(tmp, run, monkeypatch):
-    from resflows.trainer import EMA
+    from resflows.optim import EMA
 
     update = EMA.update
 
@@ -111,10 +107,10 @@ def _nan_ema_after_step(tmp, run, monkeypatch):
 
 
 def _nan_eval(tmp, run, monkeypatch):
-    from resflows.trainer import Trainer
+    from resflows import evaluation
 
-    monkeypatch.setattr(Trainer, "validate", lambda self, *a, **k: {"n_images": 297, "seconds": 0.1,
-                                                                    "test_bpd": float("nan"), "test_bpd_stderr": float("nan")})
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"n_images": 297, "seconds": 0.1,
+                                                                 "test_bpd": float("nan"), "test_bpd_stderr": float("nan")})
 
 
 def _nan_inverse(tmp, run, monkeypatch):

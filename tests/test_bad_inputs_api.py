@@ -131,17 +131,16 @@ def test_value_checks_stay_out_of_the_training_step(monkeypatch, tmp_path):
     from resflows.config import TrainConfig
     from resflows.distributed import DistInfo
     from resflows.factory import model_config_from
-    from resflows.trainer import EMA, Trainer
+    from resflows.loaders import tensor_data
+    from resflows.trainer import Trainer
 
     cfg = TrainConfig(data="digits", nblocks="1", idim=4, fc_end=False, batchsize=4, seed=0)
-    trainer = Trainer(cfg, DistInfo(device=torch.device("cpu")), ResidualFlow(model_config_from(cfg)), str(tmp_path))
+    model = ResidualFlow(model_config_from(cfg))
+    x = torch.rand(4, *model.config.input_size)
+    trainer = Trainer(cfg, DistInfo(device=torch.device("cpu")), model, str(tmp_path),
+                      data=tensor_data(x, torch.zeros(4, dtype=torch.long), 4))  # ActNorm initialised on x
     assert trainer.model.check_values is False
-    x = torch.rand(4, *trainer.model.config.input_size)
-    with torch.no_grad():
-        trainer.model.transform(x)
-    trainer.ema = EMA(trainer.model)
     assert trainer.ema.model.check_values is False
-    trainer.wrap()
     calls = []
     real = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -1,11 +1,12 @@
 """Our checkpoint format: safe to load, atomic to write, clear errors for bad files."""
+import json
 import os
 
 import pytest
 import torch
 
 from resflows import CheckpointError, ModelConfig, ResidualFlow, TrainConfig, load_model, read_checkpoint
-from resflows.checkpoint import atomic_save, rng_state, save_checkpoint, set_rng_state
+from resflows.checkpoint import atomic_save, rng_state, save_checkpoint, set_rng_state, write_json
 
 
 def _model():
@@ -79,6 +80,22 @@ def test_atomic_write_leaves_the_old_file_on_a_crash(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"v": 1}
     assert os.listdir(tmp_path) == ["most_recent.pth"]  # no temporary file left behind
+
+
+def test_json_files_are_written_the_same_atomic_way(tmp_path):
+    path = tmp_path / "eval.json"
+    write_json(str(path), {"test_bpd": 3.25})
+    with pytest.raises(ValueError):  # NaN is not JSON: refused before anything is written
+        write_json(str(path), {"test_bpd": float("nan")})
+    assert json.loads(path.read_text()) == {"test_bpd": 3.25}
+    assert os.listdir(tmp_path) == ["eval.json"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # the permissions a plain open() gives
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "folder", "garbage", "truncated", "plain_tensor"])

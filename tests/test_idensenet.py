@@ -8,12 +8,12 @@ import types
 import pytest
 import torch
 
-import train_img
 from resflows import exact_logdet, load_model, read_checkpoint
 from resflows.cli import parse_args
 from resflows.factory import model_config_from
 from resflows.layers import LipschitzDenseLayer
 from resflows.model import ResidualFlow
+from tests.helpers import assert_same_training_state, cli, read_reference, run_ok
 
 # The i-DenseNets reference files (produced by the fork's code) and the flags that built them.
 REFERENCE_FLAGS = {
@@ -35,41 +35,7 @@ TINY_DENSE = ["--data", "digits", "--nblocks", "1-1", "--batchsize", "50", "--nw
               "--densenet_growth", "8", "--fc_densenet_growth", "8", "--act", "CLipSwish"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models: thread synchronisation costs more than it saves (several times more on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cli(argv, capsys):
-    try:
-        code = train_img.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_ok(argv, capsys):
-    code, out, err = cli(argv, capsys)
-    assert code == 0, err
-    return out
-
-
-def read_reference(path):
-    out = []
-    for line in path.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        out.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype))
-    return out
+pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
 
 def model_from_flags(flags: str) -> ResidualFlow:
@@ -221,16 +187,10 @@ def test_k_reset_in_the_first_epochs_and_exact_resume(tmp_path, capsys):
         assert all(torch.equal(half[part][k], torch.ones(1)) for k in ks), part
     out = run_ok(args + ["--max-iters", "6", "--resume", tmp_path / "split" / "models" / "most_recent.pth"], capsys)
     assert "dense concatenation eta1" in out
-    full = torch.load(tmp_path / "full" / "models" / "most_recent.pth", weights_only=True)
-    split = torch.load(tmp_path / "split" / "models" / "most_recent.pth", weights_only=True)
+    full, split = assert_same_training_state(tmp_path / "full" / "models" / "most_recent.pth",
+                                             tmp_path / "split" / "models" / "most_recent.pth")
     assert full["step"] == split["step"] == 6
     assert not all(torch.equal(full["model"][k], torch.ones(1)) for k in ks)  # learned in epoch 1
-    for part in ("model", "ema"):
-        for k in full[part]:
-            assert torch.equal(full[part][k], split[part][k]), (part, k)
-    for pid, st in full["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(split["optimizer"]["state"][pid][k])), (pid, k)
 
 
 # -- the fork's checkpoints --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The training losses (compute_loss in resflows/trainer.py, resflows/losses.py) against the formulas written
+"""The training losses (compute_loss and bits_per_dim in resflows/losses.py) against the formulas written
 out here with Python floats, for fixed model outputs: density, classification and hybrid, with and without
 --scale-dim, with a log-det weight beta < 1 (annealing) and with the --padding term."""
 import math
@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from resflows import TrainConfig
-from resflows.trainer import Trainer, compute_loss
+from resflows.losses import compute_loss
+from resflows.trainer import Trainer
 
 C, H, W = 3, 2, 2
 

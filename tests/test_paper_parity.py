@@ -17,7 +17,9 @@ from resflows.datasets import ImageLevelsDataset, PthImages, build_dataset
 from resflows.distributed import DistInfo
 from resflows.factory import model_config_from
 from resflows.layers.lipschitz import InducedNormConv2d, InducedNormLinear
-from resflows.trainer import EMA, LRSchedule, Trainer, make_optimizer
+from resflows.loaders import tensor_data
+from resflows.optim import LRSchedule
+from resflows.trainer import Trainer
 from tests.test_train_img import TINY, run_ok
 
 D64 = torch.float64
@@ -198,8 +200,8 @@ def test_order_gradients_come_after_clipping_and_are_not_clipped(tmp_path):
 
     model = _learnp_model().float()
     cfg = TrainConfig(learn_p=True, lr=0.0)
-    trainer = Trainer(cfg, DistInfo(), model, str(tmp_path))
-    trainer.ema = EMA(model)
+    x = torch.rand(2, *model.config.input_size)
+    trainer = Trainer(cfg, DistInfo(), model, str(tmp_path), data=tensor_data(x, torch.zeros(2, dtype=torch.long), 2))
     expected = {}
     with torch.no_grad():
         for p in _orders(model):
@@ -232,8 +234,9 @@ def test_a_paper_checkpoints_optimizer_state_is_mapped(reference_dir, tmp_path):
     ckpt = read_checkpoint(str(path))
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = ResidualFlow(ModelConfig.from_dict(ckpt["model_config"]))
-    trainer = Trainer(cfg, DistInfo(), model, str(tmp_path))
-    trainer.restore(ckpt, str(path))
+    x = torch.rand(2, *model.config.input_size)
+    trainer = Trainer(cfg, DistInfo(), model, str(tmp_path), ckpt=ckpt, ckpt_path=str(path),
+                      data=tensor_data(x, torch.zeros(2, dtype=torch.long), 2))
     paper = load_paper_checkpoint(str(path))["optimizer_state_dict"]
     params = list(model.parameters())
     assert len(params) == 92 and len(trainer.optimizer.state) == 78
@@ -253,7 +256,6 @@ def test_begin_epoch_starts_the_iteration_counter(tmp_path):
                       warmup_iters=40)
     model = ResidualFlow(model_config_from(cfg))
     trainer = Trainer(cfg, DistInfo(), model, str(tmp_path))
-    trainer.build_data(train=True)
     assert trainer.batches_per_epoch == 15 and trainer.itr == 45
     assert trainer.schedule.lr(trainer.itr, 3.0) == cfg.lr  # the warm-up is not repeated
 

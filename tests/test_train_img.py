@@ -1,6 +1,5 @@
 """train_img.py end to end on the bundled digits: tasks, options, resume, signals, evaluation, bad input."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -10,32 +9,11 @@ import time
 import pytest
 import torch
 
-import train_img
-from resflows import load_model, read_checkpoint
+from resflows import read_checkpoint
 from tests.conftest import REPO
+from tests.helpers import TINY, assert_same_training_state, cli, run_ok
 
-TINY = ["--data", "digits", "--nblocks", "1-1", "--idim", "8", "--fc-idim", "16", "--batchsize", "50",
-        "--nworkers", "0", "--print-freq", "1", "--vis-freq", "1000", "--seed", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("RESFLOWS_OFFLINE", "1")
-
-
-def cli(argv, capsys):
-    try:
-        code = train_img.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_ok(argv, capsys):
-    code, out, err = cli(argv, capsys)
-    assert code == 0, err
-    return out
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 # -- short runs of every task and option ------------------------------------------------------------------
@@ -99,15 +77,9 @@ def test_resume_equals_uninterrupted_training(tmp_path, capsys, workers):
     run_ok(args + ["--max-iters", "8", "--save", tmp_path / "full"], capsys)
     run_ok(args + ["--max-iters", "4", "--save", tmp_path / "split"], capsys)
     run_ok(args + ["--max-iters", "8", "--resume", tmp_path / "split" / "models" / "most_recent.pth"], capsys)
-    full = torch.load(tmp_path / "full" / "models" / "most_recent.pth", weights_only=True)
-    split = torch.load(tmp_path / "split" / "models" / "most_recent.pth", weights_only=True)
+    full, split = assert_same_training_state(tmp_path / "full" / "models" / "most_recent.pth",
+                                             tmp_path / "split" / "models" / "most_recent.pth")
     assert full["step"] == split["step"] == 8 and full["epoch"] == split["epoch"]
-    for part in ("model", "ema"):
-        for k in full[part]:
-            assert torch.equal(full[part][k], split[part][k]), (part, k)
-    for pid, st in full["optimizer"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(torch.as_tensor(v), torch.as_tensor(split["optimizer"]["state"][pid][k])), (pid, k)
 
 
 def test_resume_takes_typed_optimizer_flags(tmp_path, capsys):

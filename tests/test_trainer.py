@@ -6,7 +6,7 @@ import torch
 
 from resflows import ModelConfig, ResidualFlow, TrainConfig, bits_per_dim
 from resflows.losses import padding_logprob
-from resflows.trainer import EMA, LRSchedule, make_optimizer
+from resflows.optim import EMA, LRSchedule, make_optimizer
 
 
 def test_warmup_then_the_scheduler_applies():

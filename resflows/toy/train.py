@@ -1,8 +1,8 @@
 """The training loop of ``train_toy.py``: fresh toy samples every step, NLL in nats, a Lipschitz update after
 every optimiser step, validation on a fixed test set with exact 2-D log-dets, figures and checkpoints.
 
-Reuses the image trainer's pieces: the ``resflows`` logger, ``_progress`` bars and ``stop_on_signals``;
-checkpoints are written atomically with ``resflows.checkpoint.atomic_save`` in a safe format
+Shares with the image trainer what :mod:`resflows.runlog` holds (the ``resflows`` logger, progress bars,
+stop signals, the non-finite-step rule); checkpoints are written atomically with ``resflows.checkpoint.atomic_save`` in a safe format
 (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..checkpoint import CheckpointError, atomic_save
 from ..layers.lipschitz import norm_order_gradients
 from ..losses import standard_normal_logprob
-from ..trainer import MAX_NONFINITE_STEPS, TrainingError, _progress
+from ..runlog import MAX_NONFINITE_STEPS, TrainingError, progress
 from .config import ToyConfig
 from .data import data_rng, sample, sample_tensor
 from .model import ToyFlow, build_toy_model
@@ -31,6 +31,7 @@ logger = logging.getLogger("resflows")
 TOY_FORMAT = "resflows-toy"
 TOY_FORMAT_VERSION = 1
 VIZ_DATA_SAMPLES = 20000  # points in the data histogram (the paper's figure)
+VALIDATION_POWER_ITERS = 200  # power iterations before each validation, as the paper's toy script
 
 
 def prepare_runtime(device: torch.device) -> None:
@@ -63,7 +64,7 @@ class ToyTrainer:
         self.best_test_loss = math.inf
         self.last_test_loss: Optional[float] = None
         self.history: Dict[str, list] = {"train_loss": [], "test_loss": []}  # (itr, value), for tests and tooling
-        self.stop_signal: Optional[str] = None  # set by resflows.trainer.stop_on_signals
+        self.stop_signal: Optional[str] = None  # set by resflows.runlog.stop_on_signals
         self.nonfinite_in_a_row = 0
         self.writer = None
         self._avg: Dict[str, float] = {}
@@ -120,7 +121,7 @@ class ToyTrainer:
     def validate(self) -> float:
         """Test NLL (nats) on the fixed test set, exact 2-D log-dets (evaluation mode), in chunks, after 200
         power iterations whose vectors training then continues from (as the paper's toy script)."""
-        self.model.update_lipschitz(n_iterations=200)
+        self.model.update_lipschitz(n_iterations=VALIDATION_POWER_ITERS)
         with eval_mode(self.model):
             loss = float(-log_density(self.model, self.test_x, self.chunk_size).mean())
         self.last_test_loss = loss
@@ -203,7 +204,7 @@ class ToyTrainer:
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.cfg
-        bar = _progress(range(self.itr + 1, cfg.niters + 1), True, desc="train", total=cfg.niters - self.itr)
+        bar = progress(range(self.itr + 1, cfg.niters + 1), True, desc="train", total=cfg.niters - self.itr)
         start = time.time()
         for itr in bar:
             t0 = time.time()

@@ -1,4 +1,5 @@
 """train_toy.py end to end: it learns, writes what it promises, runs every estimator option, fails cleanly."""
+import functools
 import math
 import os
 import signal
@@ -12,18 +13,13 @@ from resflows.losses import standard_normal_logprob
 from resflows.toy import ToyTrainer, build_toy_model, load_toy_model
 from resflows.toy.cli import parse_args
 from resflows.toy.viz import FIGURE_PIXELS, log_density
+from tests import helpers
 
 TINY = ["--nblocks", "2", "--dims", "8-8", "--batch_size", "32", "--test_batch_size", "64", "--viz_npts", "16",
         "--log_freq", "1"]
 
 
-def cli(argv, capsys):
-    try:
-        code = train_toy.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = functools.partial(helpers.cli, main=train_toy.main)
 
 
 def test_defaults_match_the_spec():

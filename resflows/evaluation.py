@@ -1,0 +1,120 @@
+"""Evaluating and sampling a trained image flow: test bits/dim and accuracy over a loader, sample grids
+written to a file, and the converged power iterations a final evaluation uses.
+
+Shared by the trainer (validation every epoch), ``train_img.py --evaluate / --sample`` and Python users of
+:func:`resflows.load_model`. Under ``torchrun`` every rank calls these (the power iterations and the sums
+are collective); rank 0 writes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .datasets import get_spec
+from .distributed import all_reduce_sum, broadcast_buffers
+from .factory import image_size, nvals_of
+from .losses import ModelForward, compute_loss
+from .runlog import TrainingError, progress
+
+__all__ = ["TIGHT_LIPSCHITZ", "SAMPLE_CHUNK", "image_shape", "tighten_lipschitz", "prepare_for_eval", "evaluate",
+           "draw_samples", "save_samples"]
+
+logger = logging.getLogger("resflows")
+
+# Power iterations run to convergence before a final evaluation (train_img.py --evaluate) and for EMA
+# weights loaded with load_model(ema=True): the spectral norms, hence the log-dets, are then exact to 1e-6.
+TIGHT_LIPSCHITZ = dict(atol=1e-6, rtol=1e-6, max_iterations=2000)
+SAMPLE_CHUNK = 64  # samples inverted at once: bounds the memory of the fixed-point iterations
+
+
+def image_shape(cfg: TrainConfig) -> Tuple[int, int, int]:
+    """(C, H, W) of ``--data``'s images at ``--imagesize``, without ``--padding`` channels."""
+    size = image_size(cfg)
+    return (get_spec(cfg.data).im_dim, size, size)
+
+
+def tighten_lipschitz(model) -> None:
+    """Re-run every normalised layer's power iterations to convergence (:data:`TIGHT_LIPSCHITZ`)."""
+    model.update_lipschitz(**TIGHT_LIPSCHITZ)
+
+
+def prepare_for_eval(model):
+    """``model`` in evaluation mode with its power iterations re-run for its current weights (the same on
+    every rank)."""
+    model.update_lipschitz()
+    broadcast_buffers(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, loader: Iterable, cfg: TrainConfig, device: Optional[torch.device] = None, show_progress: bool = True,
+             label: Optional[int] = None) -> Dict[str, Any]:
+    """Test bits/dim (mean, standard error, count) over every image of ``loader`` (summed over the ranks);
+    accuracy and cross-entropy for the classification / hybrid tasks of ``cfg``. Logs one line."""
+    device = device or next(model.parameters()).device
+    shape, nvals = image_shape(cfg), nvals_of(cfg)
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, sum bpd, sum bpd^2, correct, xent
+    t0 = time.time()
+    for x, y in progress(loader, show_progress, desc="validate"):
+        x, y = x.to(device), y.to(device)
+        out = compute_loss(ModelForward(model), x, y, cfg, shape, nvals)
+        sums[0] += x.shape[0]
+        if out.bpd is not None:
+            sums[1] += out.bpd.double().sum()
+            sums[2] += (out.bpd.double() ** 2).sum()
+        if out.logits is not None:
+            sums[3] += (out.logits.argmax(1) == y).double().sum()
+            sums[4] += F.cross_entropy(out.logits, y, reduction="sum").double()
+    sums = all_reduce_sum(sums)
+    n = int(sums[0].item())
+    res: Dict[str, Any] = {"n_images": n, "seconds": time.time() - t0}
+    if cfg.task != "classification":
+        mean = sums[1].item() / n
+        var = max(sums[2].item() / n - mean**2, 0.0) * n / max(n - 1, 1)
+        res.update(test_bpd=mean, test_bpd_stderr=math.sqrt(var / n))
+    if cfg.task != "density":
+        res.update(test_acc=sums[3].item() / n, test_crossent=sums[4].item() / n)
+    msg = f"epoch {label} | test" if label is not None else "test"
+    if "test_bpd" in res:
+        msg += f" bits/dim {res['test_bpd']:.4f} +- {res['test_bpd_stderr']:.4f}"
+    if "test_acc" in res:
+        msg += f" acc {res['test_acc']:.4f}"
+    logger.info("%s (%d images, %.1f s)", msg, n, res["seconds"])
+    return res
+
+
+@torch.no_grad()
+def draw_samples(model, n: int, temp: float, channels: int, device: Optional[torch.device] = None,
+                 chunk: int = SAMPLE_CHUNK) -> torch.Tensor:
+    """``n`` images ``x = f^{-1}(z)``, ``z ~ N(0, temp^2 I)``, clamped to [0, 1], on the CPU; ``channels``
+    drops the ``--padding`` ones. Raises :class:`TrainingError` when the inverse diverges."""
+    device = device or next(model.parameters()).device
+    chunks = []
+    for i in range(0, n, chunk):
+        z = torch.randn(min(chunk, n - i), model.latent_dim, device=device) * temp
+        x = model.inverse(z)[:, :channels]
+        if not torch.isfinite(x).all():
+            raise TrainingError(f"sampling at --temp {temp:g} gave non-finite images (the inverse diverged); "
+                                f"nothing was written. Try a lower --temp or an earlier checkpoint")
+        chunks.append(x.clamp(0, 1).cpu())
+    return torch.cat(chunks)
+
+
+def save_samples(model, n: int, temp: float, folder: str, channels: int, nrow: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> str:
+    """A PNG grid of :func:`draw_samples` at ``folder/samples_n{n}_t{temp}.png``; returns its path."""
+    from torchvision.utils import save_image
+
+    images = draw_samples(model, n, temp, channels, device)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")
+    save_image(images, path, nrow=nrow or max(int(math.sqrt(n)), 1))
+    return path

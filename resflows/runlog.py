@@ -1,0 +1,74 @@
+"""What every training loop shares around its steps: the ``resflows`` logger, progress bars, stop signals,
+and the rule that stops a run whose loss stays non-finite (:class:`TrainingError`).
+
+Used by the image trainer (:mod:`resflows.trainer`) and the toy trainer (:mod:`resflows.toy.train`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Any, Iterator, Optional
+
+__all__ = ["MAX_NONFINITE_STEPS", "TrainingError", "setup_logger", "progress", "stop_on_signals"]
+
+# Steps skipped in a row for a non-finite loss or gradient before the run gives up: one bad batch is
+# noise, five in a row mean the weights have diverged.
+MAX_NONFINITE_STEPS = 5
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss stayed non-finite); the message says what to do."""
+
+
+def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:
+    """Console and ``SAVE/logs`` logging (rank 0 only)."""
+    log = logging.getLogger("resflows")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        return log
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if save_dir:
+        fh = logging.FileHandler(os.path.join(save_dir, "logs"))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+def progress(iterable, enabled: bool, **kw):
+    """A tqdm bar over ``iterable``, shown only when ``enabled`` and stderr is a terminal."""
+    from tqdm import tqdm
+
+    # Quiet when output is not a terminal (logs, CI), and on non-zero ranks.
+    return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any) -> Iterator[None]:
+    """SIGTERM / SIGINT set ``trainer.stop_signal``, so that the loop saves at the next step and stops
+    cleanly; a second SIGINT interrupts at once."""
+    previous = {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
