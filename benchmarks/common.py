@@ -20,7 +20,9 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from resflows import flags  # noqa: E402
 from resflows.config import TrainConfig  # noqa: E402
+from resflows.flags import OneLineArgumentParser  # noqa: E402,F401 - the scripts' parser
 
 # Named configurations (train_img.py flags). "mnist" is the issue's reference configuration, run on
 # scikit-learn's digits upsampled to 28x28; "cifar10" is the paper's CIFAR-10 default at a small batch.
@@ -147,30 +149,13 @@ def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, An
 EXIT_BUG = 70  # an unexpected exception (a bug), as sysexits.h's EX_SOFTWARE
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2, as train_img.py.
-    Defined here rather than imported, so that the scripts can still measure older resflows trees."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class BenchError(Exception):
     """A user error or a failed measurement: reported as one line, exit status 1."""
 
 
 def int_at_least(low: int):
     """argparse type: an integer >= ``low``."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
-        return v
-
-    return parse
+    return flags.int_at_least(low, f"an integer >= {low}")
 
 
 def check_device(device: str) -> str:

@@ -68,16 +68,16 @@ class Case(NamedTuple):
 
 
 CASES = {
-    "eval --images 0": Case("bench_eval", ("--images", "0"), 2, r"argument --images: expected an integer >= 1, got 0"),
-    "eval --samples -3": Case("bench_eval", ("--samples", "-3"), 2, r"--samples: expected an integer >= 1, got -3"),
-    "eval --repeats 0": Case("bench_eval", ("--repeats", "0"), 2, r"--repeats: expected an integer >= 1, got 0"),
+    "eval --images 0": Case("bench_eval", ("--images", "0"), 2, r"argument --images: expected an integer >= 1, got '0'"),
+    "eval --samples -3": Case("bench_eval", ("--samples", "-3"), 2, r"--samples: expected an integer >= 1, got '-3'"),
+    "eval --repeats 0": Case("bench_eval", ("--repeats", "0"), 2, r"--repeats: expected an integer >= 1, got '0'"),
     "eval --config with no name": Case("bench_eval", ("--config",), 2, r"--config: expected at least one argument"),
     "eval --device tpu": Case("bench_eval", ("--device", "tpu"), 2, r"--device tpu: expected auto, cpu, cuda or cuda:N"),
     "eval --device cuda:7": Case("bench_eval", ("--device", "cuda:7"), 2, r"--device cuda:7: (no CUDA GPU|this machine)"),
     "eval --json a folder": Case("bench_eval", ("--json", "{tmp}"), 2, r"--json .* is a folder; give a file name"),
-    "train --steps 0": Case("bench_train", ("--steps", "0"), 2, r"argument --steps: expected an integer >= 1, got 0"),
-    "train --warmup -1": Case("bench_train", ("--warmup", "-1"), 2, r"--warmup: expected an integer >= 0, got -1"),
-    "train --batch 0": Case("bench_train", ("--batch", "0"), 2, r"--batch: expected an integer >= 1, got 0"),
+    "train --steps 0": Case("bench_train", ("--steps", "0"), 2, r"argument --steps: expected an integer >= 1, got '0'"),
+    "train --warmup -1": Case("bench_train", ("--warmup", "-1"), 2, r"--warmup: expected an integer >= 0, got '-1'"),
+    "train --batch 0": Case("bench_train", ("--batch", "0"), 2, r"--batch: expected an integer >= 1, got '0'"),
     "train --mode with no name": Case("bench_train", ("--mode",), 2, r"--mode: expected at least one argument"),
     "train --device cuda:x": Case("bench_train", ("--device", "cuda:x"), 2, r"--device cuda:x: expected auto, cpu"),
 }

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from . import linearize
 from .base import FlowLayer
-from .jacobian import batch_jacobian
+from .jacobian import batch_jacobian, logabsdet
 
 Tensor = torch.Tensor
 
@@ -372,7 +372,7 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
                 logdet = torch.log(torch.abs(det))
             else:
                 eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-                logdet = torch.linalg.slogdet(eye + jac)[1]
+                logdet = logabsdet(eye + jac)
         else:
             logdet = jac.new_zeros(jac.shape[0])
             jac_k = jac

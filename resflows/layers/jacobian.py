@@ -9,7 +9,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_jacobian", "per_example_jacobian", "jacobian_logdet"]
+__all__ = ["batch_jacobian", "per_example_jacobian", "jacobian_logdet", "logabsdet"]
 
 
 def batch_jacobian(g: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
@@ -22,6 +22,17 @@ def batch_jacobian(g: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
         (row,) = torch.autograd.grad(g_flat[:, d].sum(), x, create_graph=create_graph, retain_graph=True)
         rows.append(row.reshape(b, 1, -1))
     return torch.cat(rows, 1)
+
+
+def logabsdet(m: Tensor) -> Tensor:
+    """``log|det m_i|`` of each matrix of a batch ``[B, D, D]`` (differentiable).
+
+    On the CPU one LAPACK call per matrix: with torch 2.14's MKL, the batched LU fails ("Parameter 6 was
+    incorrect on entry to DLASWP", then never returns) on matrices of a few hundred rows once
+    ``torch.set_num_threads`` has changed in the process, as the tests and benchmarks do."""
+    if m.device.type == "cpu":
+        return torch.stack([torch.linalg.slogdet(a)[1] for a in m]) if m.shape[0] else m.new_zeros(0)
+    return torch.linalg.slogdet(m)[1]
 
 
 def per_example_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -54,4 +65,4 @@ def jacobian_logdet(fn: Callable[[Tensor], Tensor], x: Tensor, max_dim: int = 40
         raise ValueError(f"fn changes the dimension ({d} -> {jac.shape[1]}); no determinant")
     with torch.no_grad():
         out = torch.cat([fn(x[i : i + 1].detach()) for i in range(x.shape[0])], 0)
-    return out, torch.linalg.slogdet(jac)[1]
+    return out, logabsdet(jac)

@@ -32,3 +32,4 @@ def test_lazy_top_level_names_resolve():
     for name in resflows.__all__:
         assert getattr(resflows, name) is not None
     assert set(resflows.__all__) <= set(dir(resflows))
+
