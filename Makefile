@@ -21,7 +21,9 @@ $(STAMP): setup.py requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt -e '.[test]'
 	@touch $(STAMP)
 
+# ruff first (lint and import order, ruff.toml): a few seconds, and CI runs it through this target.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-slow: $(STAMP)

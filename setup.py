@@ -10,8 +10,8 @@ setup(
     install_requires=["torch", "torchvision", "numpy", "tensorboard", "tqdm", "pillow", "protobuf"],
     extras_require={
         # scikit-learn ships the offline 8x8 digits used by the tests and `make demo`;
-        # matplotlib draws the toy figures.
-        "test": ["pytest", "scikit-learn", "matplotlib"],
+        # matplotlib draws the toy figures; ruff checks lint and import order (ruff.toml) in `make test`.
+        "test": ["pytest", "scikit-learn", "matplotlib", "ruff"],
         "toy": ["matplotlib"],
         # C implementation of CRC-32C for extract_celeba_from_tfrecords.py (pure-Python fallback otherwise).
         "preprocess": ["google-crc32c"],

@@ -91,7 +91,8 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume)
     if ckpt is not None:
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, trainer.epoch, trainer.step)
-        if dist.is_main and ckpt.get("format") == "resflows" and _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models")):
+        same_folder = _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models"))
+        if dist.is_main and ckpt.get("format") == "resflows" and same_folder:
             # Only the checkpoints the resumed state lists as its best belong to this run (a run killed between
             # writing a new best and deleting the one it displaced leaves one too many).
             remove_leftovers([os.path.join(save_dir, "models")], [b[2] for b in trainer.best])

@@ -20,8 +20,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, OneLineArgumentParser, inputs_for, int_at_least, machine, parse_bench_args,  # noqa: E402
-                    peak_rss_mb, report_failures, run_child, run_main, table, train_config, write_results)
+from common import (  # noqa: E402
+    CONFIGS,
+    OneLineArgumentParser,
+    inputs_for,
+    int_at_least,
+    machine,
+    parse_bench_args,
+    peak_rss_mb,
+    report_failures,
+    run_child,
+    run_main,
+    table,
+    train_config,
+    write_results,
+)
 
 PRESETS = {"make": [("mnist", 297, 64)], "quick": [("mnist", 297, 16)]}
 

@@ -11,13 +11,15 @@ scikit-learn's 8x8 digits, upsampled to 28x28, are written in MNIST's file forma
 process, and the time per step is ``(T20 - T4) / 16``: start-up, model construction, the end-of-epoch
 validation and the checkpoint cancel out. The peak RSS is the 20-step process's own (``ru_maxrss`` from ``wait4``).
 With ``--baseline`` the trees alternate (baseline, this tree, ...) each round; figures are medians over rounds,
-and ratios are taken per round. The 1-minute load average is recorded with each round.
+and ratios are taken per round. The EMA validation of the 297 test images is timed from the run's log. The
+1-minute load average is recorded with each round.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -74,7 +76,22 @@ def run(tree: str, dataroot: str, save: str, timeout: int) -> dict:
             err.seek(0)
             last = (err.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
             raise SystemExit(f"bench_process.py: train_img.py in {tree} failed: {last}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 1024**2}
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 1024**2, "validation_s": validation_seconds(save)}
+
+
+def validation_seconds(save: str):
+    """The EMA validation's own time, from the run's log line ``... (297 images, 1.9 s)`` (None if absent)."""
+    try:
+        with open(os.path.join(save, "logs")) as f:
+            found = re.findall(r"\((\d+) images, ([0-9.]+) s\)", f.read())
+    except OSError:
+        return None
+    return float(found[-1][1]) if found else None
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def main(argv=None) -> int:
@@ -103,13 +120,15 @@ def main(argv=None) -> int:
                 t20 = run(tree, roots[20], os.path.join(work, "save"), args.timeout)
                 t4 = run(tree, roots[4], os.path.join(work, "save"), args.timeout)
                 res[name] = {"step_s": (t20["wall_s"] - t4["wall_s"]) / 16, "wall_20_s": t20["wall_s"],
-                             "wall_4_s": t4["wall_s"], "peak_rss_20_gb": t20["peak_rss_gb"]}
+                             "wall_4_s": t4["wall_s"], "peak_rss_20_gb": t20["peak_rss_gb"],
+                             "validation_s": t20["validation_s"]}
             rounds.append(res)
             print(json.dumps(res), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {name: {"step_s_median": statistics.median(r[name]["step_s"] for r in rounds),
-                      "peak_rss_gb_median": statistics.median(r[name]["peak_rss_20_gb"] for r in rounds)} for name in trees}
+                      "peak_rss_gb_median": statistics.median(r[name]["peak_rss_20_gb"] for r in rounds),
+                      "validation_s_median": _median(r[name]["validation_s"] for r in rounds)} for name in trees}
     if args.baseline:
         summary["speedup_median"] = statistics.median(r["baseline"]["step_s"] / r["this"]["step_s"] for r in rounds)
     print(json.dumps(summary))

@@ -27,9 +27,23 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import (CONFIGS, MODES, OneLineArgumentParser, bench_trainer, int_at_least, machine,  # noqa: E402
-                    parse_bench_args, peak_rss_mb, report_failures, rss_mb, run_child, run_main, table, train_config,
-                    write_results)
+from common import (  # noqa: E402
+    CONFIGS,
+    MODES,
+    OneLineArgumentParser,
+    bench_trainer,
+    int_at_least,
+    machine,
+    parse_bench_args,
+    peak_rss_mb,
+    report_failures,
+    rss_mb,
+    run_child,
+    run_main,
+    table,
+    train_config,
+    write_results,
+)
 
 PRESETS = {
     # name: list of (config, mode, terms); terms None = the unbiased estimator
@@ -123,7 +137,8 @@ def main(argv=None) -> int:
     rows = []
     for config, mode, terms in jobs:
         extra = ["--config", config, "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                 "--device", args.device] + (["--terms", str(terms)] if terms else []) + (["--batch", str(args.batch)] if args.batch else [])
+                 "--device", args.device] + (["--terms", str(terms)] if terms else []) \
+                 + (["--batch", str(args.batch)] if args.batch else [])
         res = run_child(os.path.abspath(__file__), extra)
         row = {"config": config, "mode": mode, "terms": terms or "unbiased", **res}
         rows.append(row)

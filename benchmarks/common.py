@@ -132,7 +132,7 @@ def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, An
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         last = (proc.stderr.strip().splitlines() or [f"exited with status {proc.returncode} and no message"])[-1]
         out: Dict[str, Any] = {"error": last}

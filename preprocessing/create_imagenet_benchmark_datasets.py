@@ -24,13 +24,39 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.create_imagenet_benchmark_datasets (tests, python -m)
-    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
-                          check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
-                          save_nchw_pth, temp_path)
+    from ._common import (
+        CHUNK_BYTES,
+        PTH_OVERHEAD,
+        InputError,
+        OneLineArgumentParser,
+        atomic_output,
+        check_free_space,
+        flush_memmap,
+        human_bytes,
+        npy_nhwc_to_pth,
+        open_memmap,
+        release_pages,
+        run_cli,
+        save_nchw_pth,
+        temp_path,
+    )
 else:  # run as a script: python preprocessing/create_imagenet_benchmark_datasets.py
-    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, atomic_output,
-                         check_free_space, flush_memmap, human_bytes, npy_nhwc_to_pth, open_memmap, release_pages, run_cli,
-                         save_nchw_pth, temp_path)
+    from _common import (
+        CHUNK_BYTES,
+        PTH_OVERHEAD,
+        InputError,
+        OneLineArgumentParser,
+        atomic_output,
+        check_free_space,
+        flush_memmap,
+        human_bytes,
+        npy_nhwc_to_pth,
+        open_memmap,
+        release_pages,
+        run_cli,
+        save_nchw_pth,
+        temp_path,
+    )
 
 PROG = "create_imagenet_benchmark_datasets.py"
 RESOLUTIONS = (32, 64)

@@ -33,11 +33,35 @@ import numpy as np
 from tqdm import tqdm
 
 if __package__:  # imported as preprocessing.extract_celeba_from_tfrecords (tests, python -m)
-    from ._common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
-                          format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from ._common import (
+        CHUNK_BYTES,
+        PTH_OVERHEAD,
+        InputError,
+        OneLineArgumentParser,
+        check_free_space,
+        format_list,
+        human_bytes,
+        open_memmap,
+        release_pages,
+        run_cli,
+        save_nchw_pth,
+        temp_path,
+    )
 else:  # run as a script: python preprocessing/extract_celeba_from_tfrecords.py
-    from _common import (CHUNK_BYTES, PTH_OVERHEAD, InputError, OneLineArgumentParser, check_free_space,
-                         format_list, human_bytes, open_memmap, release_pages, run_cli, save_nchw_pth, temp_path)
+    from _common import (
+        CHUNK_BYTES,
+        PTH_OVERHEAD,
+        InputError,
+        OneLineArgumentParser,
+        check_free_space,
+        format_list,
+        human_bytes,
+        open_memmap,
+        release_pages,
+        run_cli,
+        save_nchw_pth,
+        temp_path,
+    )
 
 PROG = "extract_celeba_from_tfrecords.py"
 SPLITS = ("train", "validation")

@@ -333,7 +333,7 @@ def load_state(path: str, model: torch.nn.Module, state_dict: Dict[str, torch.Te
     for k, v in own.items():
         if k.endswith("last_n_samples") and k in state_dict and state_dict[k].shape != v.shape:
             state_dict[k] = v
-        elif k.endswith((".mean", ".std")) and k not in state_dict and (k.startswith("init_layer.") or k.startswith("transforms.0.chain.0.")):
+        elif k.endswith((".mean", ".std")) and k not in state_dict and k.startswith(("init_layer.", "transforms.0.chain.0.")):
             state_dict[k] = v
     try:
         model.load_state_dict(state_dict, strict=True)

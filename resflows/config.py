@@ -199,7 +199,8 @@ class ModelConfig:
         if self.block != "resblock":
             raise ConfigError("--densenet True replaces the branches of residual blocks; drop --block coupling")
         if self.learn_p:
-            raise ConfigError("--learn-p is not available with --densenet True (dense branches use the first --vnorms order); drop --learn-p")
+            raise ConfigError("--learn-p is not available with --densenet True (dense branches use the first --vnorms order); "
+                              "drop --learn-p")
         if self.dropout:
             raise ConfigError("--dropout is not used by dense branches; drop it with --densenet True")
         for name, v in (("--densenet_growth", self.densenet_growth), ("--fc_densenet_growth", self.fc_densenet_growth)):

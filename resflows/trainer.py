@@ -387,12 +387,14 @@ class Trainer:
         lips = self.model.lipschitz_constants()
         if lips:
             vals = list(lips.values())
-            logger.info("Lipschitz constants: min %.4f mean %.4f max %.4f (%d layers)", min(vals), sum(vals) / len(vals), max(vals), len(vals))
+            logger.info("Lipschitz constants: min %.4f mean %.4f max %.4f (%d layers)",
+                        min(vals), sum(vals) / len(vals), max(vals), len(vals))
         if self.model.config.learn_p:
             logger.info("norm orders: %s", ", ".join(f"{d:.2f}->{c:.2f}" for d, c in self.model.norm_orders().values()))
         etas = [e1 for e1, _ in self.model.concatenation_weights().values()]
         if etas:
-            logger.info("dense concatenation eta1: min %.4f mean %.4f max %.4f (%d layers)", min(etas), sum(etas) / len(etas), max(etas), len(etas))
+            logger.info("dense concatenation eta1: min %.4f mean %.4f max %.4f (%d layers)",
+                        min(etas), sum(etas) / len(etas), max(etas), len(etas))
         result = self.validate(label=finished)
         bpd = result.get("test_bpd")
         self.last_test_bpd = bpd

@@ -171,6 +171,8 @@ class Case:
 
 
 R = ["--resume", CKPT, "--nworkers", "0"]
+# Resuming a damaged checkpoint written by the case's set-up into a fresh folder.
+RESUME_C = ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"]
 CASES = [
     # 1. sampling flags never fall through to resuming training in the checkpoint's folder
     Case("sample-0", R + ["--sample", "0"], 2, r"--sample 0 writes no samples"),
@@ -187,7 +189,8 @@ CASES = [
     Case("evaluate-nan-ema", ["--resume", "{tmp}/nan.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
          r"nan.pth: its EMA weights hold NaN or infinite values", setup=_edit_checkpoint("nan.pth", _nan_weight("ema")),
          gone=["eval/eval.json"]),
-    Case("evaluate-nan-result", R + ["--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1, r"gave non-finite results", setup=_nan_eval,
+    Case("evaluate-nan-result", R + ["--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1, r"gave non-finite results",
+         setup=_nan_eval,
          gone=["eval/eval.json"]),
     Case("toy-lr-inf", TOY + ["--lr", "inf", "--save", "{tmp}/toy"], 2, r"--lr must be a finite number", script="toy",
          gone=["toy/checkpt.pth", "toy/last.pth"]),
@@ -223,18 +226,18 @@ CASES = [
          r"weights do not fit this architecture .*wrong shape", setup=_edit_checkpoint("c.pth", _set_config(idim=10**7))),
     Case("paper-pickle-200-bytes", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
          r"paper.pth: its settings ask for \d+ blocks but it holds only 0 weight tensors", setup=_paper_pickle),
-    Case("ckpt-print-freq-0", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1,
+    Case("ckpt-print-freq-0", RESUME_C, 1,
          r"c.pth: its stored settings are invalid: --print-freq must be an integer >= 1, got 0",
          setup=_edit_checkpoint("c.pth", _set_config(print_freq=0))),
-    Case("ckpt-lr-string", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"--lr must be a number, got 'abc'",
+    Case("ckpt-lr-string", RESUME_C, 1, r"--lr must be a number, got 'abc'",
          setup=_edit_checkpoint("c.pth", _set_config(lr="abc"))),
-    Case("ckpt-config-not-dict", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"its 'config' is a list, not a dict",
+    Case("ckpt-config-not-dict", RESUME_C, 1, r"its 'config' is a list, not a dict",
          setup=_edit_checkpoint("c.pth", lambda c: c.update(config=[1, 2]))),
-    Case("ckpt-bad-rng", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"random-number state cannot be restored",
+    Case("ckpt-bad-rng", RESUME_C, 1, r"random-number state cannot be restored",
          setup=_edit_checkpoint("c.pth", lambda c: c.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}))),
-    Case("ckpt-bad-counter", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1, r"its epoch counter is 'x'",
+    Case("ckpt-bad-counter", RESUME_C, 1, r"its epoch counter is 'x'",
          setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch="x"))),
-    Case("ckpt-bad-best-list", ["--resume", "{tmp}/c.pth", "--nworkers", "0", "--max-iters", "3", "--save", "{tmp}/new"], 1,
+    Case("ckpt-bad-best-list", RESUME_C, 1,
          r"list of best checkpoints is malformed", setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[["x"]]))),
     # 6. leftovers, finished runs, non-finite sampling
     Case("leftovers-cleaned", R + ["--max-iters", "3"], 0, None, unchanged=(),
@@ -247,7 +250,8 @@ CASES = [
     Case("toy-leftover-tmp", TOY + ["--save", "{tmp}/toy"], 0, None, unchanged=(), gone=["toy/.tmp-killed.pth"],
          script="toy", setup=_toy_leftover),
     # 8. one run per --save folder
-    Case("save-folder-in-use", R + ["--max-iters", "3"], 1, r"--save .*run is in use by another run \(PID 424242 on otherhost\)", setup=_locked("run")),
+    Case("save-folder-in-use", R + ["--max-iters", "3"], 1, r"--save .*run is in use by another run \(PID 424242 on otherhost\)",
+         setup=_locked("run")),
     Case("toy-save-folder-in-use", TOY + ["--save", "{tmp}/toy"], 1, r"--save .*toy is in use by another run", script="toy",
          setup=_locked("toy"), unchanged=("toy/*",)),
 ]

@@ -1,5 +1,4 @@
 """Dataset registry: splits, levels, dequantisation, determinism, clear errors for missing files."""
-import os
 
 import numpy as np
 import pytest
@@ -58,7 +57,7 @@ def _write_pth(path, shape, high=256):
 
 
 def test_pth_datasets_under_dataroot(tmp_path):
-    train = _write_pth(tmp_path / "imagenet32" / "train_32x32.pth", (6, 3, 32, 32))
+    _write_pth(tmp_path / "imagenet32" / "train_32x32.pth", (6, 3, 32, 32))
     valid = _write_pth(tmp_path / "imagenet32" / "valid_32x32.pth", (4, 3, 32, 32))
     ds = build_dataset("imagenet32", False, dataroot=str(tmp_path), add_noise=False)
     assert len(ds) == 4 and torch.allclose(ds[2][0] * 255, valid[2].float())

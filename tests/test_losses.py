@@ -36,7 +36,8 @@ def expected_bits_per_dim(z, logdet, x, padding, dist, nvals, beta):
     logpu = 0.0
     if padding and dist == "gaussian":  # u = nvals * x[C:] ~ N(nvals / 2, (nvals / 8)^2)
         mean, std = nvals / 2, nvals / 8
-        logpu = sum(-0.5 * math.log(2 * math.pi) - math.log(std) - 0.5 * ((nvals * u - mean) / std) ** 2 for u in x[C:].reshape(-1).tolist())
+        logpu = sum(-0.5 * math.log(2 * math.pi) - math.log(std) - 0.5 * ((nvals * u - mean) / std) ** 2
+                    for u in x[C:].reshape(-1).tolist())
     logpx = logpz + beta * logdet - H * W * (C + padding) * math.log(nvals) - logpu
     return -logpx / (C * H * W * math.log(2))
 

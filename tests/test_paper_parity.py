@@ -333,7 +333,8 @@ def test_old_format_pth_datasets_load_without_memory_mapping(tmp_path):
 @pytest.mark.slow
 def test_learned_orders_under_torchrun(tmp_path):
     """The orders get no gradient from the loss, so DDP must not wait for them; both ranks compute the same."""
-    from tests.distributed.test_ddp import TINY as DDP_TINY, WORKER, torchrun
+    from tests.distributed.test_ddp import TINY as DDP_TINY
+    from tests.distributed.test_ddp import WORKER, torchrun
 
     proc = torchrun([WORKER, "state", tmp_path, "--"] + DDP_TINY + ["--batchsize", "40", "--max-iters", "3",
                     "--learn-p", "True", "--save", tmp_path / "run"])

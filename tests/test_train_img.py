@@ -160,7 +160,7 @@ def test_evaluate_the_paper_checkpoint(tmp_path, capsys, reference_dir):
     _write_mnist_format(tmp_path / "data")
     out = run_ok(["--resume", reference_dir / "legacy" / "checkpoint.pth", "--evaluate", "--dataroot", tmp_path / "data",
                   "--save", tmp_path / "eval", "--seed", "0", "--nworkers", "0"], capsys)
-    line = [l for l in out.splitlines() if l.startswith("test bits/dim:")][0]
+    line = [ln for ln in out.splitlines() if ln.startswith("test bits/dim:")][0]
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(res) >= {"test_bpd", "test_bpd_stderr", "n_images", "checkpoint", "ema"}
     assert res["n_images"] == 297 and res["ema"] is True

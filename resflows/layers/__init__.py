@@ -1,7 +1,7 @@
 """Flow layers of resflows. Every flow layer follows :class:`resflows.layers.base.FlowLayer`:
 ``forward(x) -> (y, log|det dy/dx|[B])`` and ``inverse(y) -> (x, log|det dx/dy|[B])``."""
-from .actnorm import ActNorm1d, ActNorm2d
 from .activations import ACTIVATIONS, CLipSwish, FullSort, Identity, LeakyLSwish, LipschitzCube, LipSwish, MaxMin, Swish, make_activation
+from .actnorm import ActNorm1d, ActNorm2d
 from .base import FlowLayer, SequentialFlow
 from .coupling import ChannelCouplingBlock, CouplingBlock, MaskedCouplingBlock
 from .dense import LipschitzDenseLayer

@@ -429,4 +429,5 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
 
     def extra_repr(self) -> str:
         mode = "truncated n={}".format(self.n_power_series) if self.n_power_series else f"unbiased {self.n_dist}"
-        return f"{mode}, n_samples={self.n_samples}, n_exact_terms={self.n_exact_terms}, neumann_grad={self.neumann_grad}, mem_eff={self.grad_in_forward}"
+        return (f"{mode}, n_samples={self.n_samples}, n_exact_terms={self.n_exact_terms}, neumann_grad={self.neumann_grad}, "
+                f"mem_eff={self.grad_in_forward}")

@@ -192,7 +192,8 @@ class ToyTrainer:
         logger.info(msg + (" | saved checkpt.pth" if improved else ""))
         if self.cfg.learn_p:
             orders = self.model.norm_orders()
-            logger.info("norm orders: %s", ", ".join(f"{d:.2f}->{c:.2f}" for d, c in list(orders.values())[: self.cfg.n_linear]) + " (first block)")
+            first_block = list(orders.values())[: self.cfg.n_linear]
+            logger.info("norm orders: %s (first block)", ", ".join(f"{d:.2f}->{c:.2f}" for d, c in first_block))
         if self.writer:
             w, s = self.writer, self.itr
             w.add_scalar("test/loss", loss, s)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from resflows.layers import (
     CLipSwish,
     LeakyLSwish,
-    LipSwish,
     LipschitzDenseLayer,
+    LipSwish,
     get_conv2d,
     get_linear,
     iResBlock,

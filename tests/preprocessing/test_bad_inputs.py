@@ -18,7 +18,7 @@ import subprocess
 import sys
 import zlib
 from collections import namedtuple
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import pytest

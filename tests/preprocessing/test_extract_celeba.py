@@ -8,8 +8,20 @@ import torch
 from preprocessing import extract_celeba_from_tfrecords as tfr
 from resflows.datasets import PthImages, build_dataset
 
-from .helpers import (assert_error, assert_ok, bytes_feature, celeba_example, crc32c, example, frame, int64_feature,
-                      leftovers, random_images, run_script, write_tfrecord)
+from .helpers import (
+    assert_error,
+    assert_ok,
+    bytes_feature,
+    celeba_example,
+    crc32c,
+    example,
+    frame,
+    int64_feature,
+    leftovers,
+    random_images,
+    run_script,
+    write_tfrecord,
+)
 
 SCRIPT = "extract_celeba_from_tfrecords.py"
 SHAPE = (256, 256, 3)

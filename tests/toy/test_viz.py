@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from resflows.toy import ToyConfig, build_toy_model
-from resflows.toy.viz import (FIGURE_PIXELS, eval_mode, grid_log_density, grid_points, histogram, log_density,
-                              sample_model, save_figure)
+from resflows.toy.viz import FIGURE_PIXELS, eval_mode, grid_log_density, grid_points, histogram, log_density, sample_model, save_figure
 
 
 class Spy(torch.nn.Module):
