@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-if __package__:  # imported as preprocessing.convert_to_pth (tests, python -m)
-    from ._common import InputError, OneLineArgumentParser, human_bytes, npy_nhwc_to_pth, run_cli
-else:  # run as a script: python preprocessing/convert_to_pth.py
-    from _common import InputError, OneLineArgumentParser, human_bytes, npy_nhwc_to_pth, run_cli
+if not __package__:  # run as a script (python preprocessing/convert_to_pth.py): import its folder as the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preprocessing._common import InputError, OneLineArgumentParser, human_bytes, npy_nhwc_to_pth, run_cli  # noqa: E402
 
 PROG = "convert_to_pth.py"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +24,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-if __package__:  # imported as preprocessing.create_imagenet_benchmark_datasets (tests, python -m)
-    from ._common import (
+if not __package__:  # run as a script (python preprocessing/create_imagenet_benchmark_datasets.py): import its folder as the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preprocessing._common import (
         CHUNK_BYTES,
         PTH_OVERHEAD,
         InputError,
@@ -39,24 +41,7 @@ if __package__:  # imported as preprocessing.create_imagenet_benchmark_datasets 
         run_cli,
         save_nchw_pth,
         temp_path,
-    )
-else:  # run as a script: python preprocessing/create_imagenet_benchmark_datasets.py
-    from _common import (
-        CHUNK_BYTES,
-        PTH_OVERHEAD,
-        InputError,
-        OneLineArgumentParser,
-        atomic_output,
-        check_free_space,
-        flush_memmap,
-        human_bytes,
-        npy_nhwc_to_pth,
-        open_memmap,
-        release_pages,
-        run_cli,
-        save_nchw_pth,
-        temp_path,
-    )
+    )  # noqa: E402
 
 PROG = "create_imagenet_benchmark_datasets.py"
 RESOLUTIONS = (32, 64)

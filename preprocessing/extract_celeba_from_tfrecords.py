@@ -32,8 +32,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-if __package__:  # imported as preprocessing.extract_celeba_from_tfrecords (tests, python -m)
-    from ._common import (
+if not __package__:  # run as a script (python preprocessing/extract_celeba_from_tfrecords.py): import its folder as the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preprocessing._common import (
         CHUNK_BYTES,
         PTH_OVERHEAD,
         InputError,
@@ -46,22 +47,7 @@ if __package__:  # imported as preprocessing.extract_celeba_from_tfrecords (test
         run_cli,
         save_nchw_pth,
         temp_path,
-    )
-else:  # run as a script: python preprocessing/extract_celeba_from_tfrecords.py
-    from _common import (
-        CHUNK_BYTES,
-        PTH_OVERHEAD,
-        InputError,
-        OneLineArgumentParser,
-        check_free_space,
-        format_list,
-        human_bytes,
-        open_memmap,
-        release_pages,
-        run_cli,
-        save_nchw_pth,
-        temp_path,
-    )
+    )  # noqa: E402
 
 PROG = "extract_celeba_from_tfrecords.py"
 SPLITS = ("train", "validation")
