@@ -89,22 +89,27 @@ class _LipSwishDual(torch.autograd.Function):
     def forward(ctx, x: Tensor, t: Tensor, beta: Tensor):
         y, s, bx = _lipswish(x, F.softplus(beta))
         ctx.save_for_backward(x, t, beta)
-        return y, _lipswish_slope(s, bx) * t
+        return y, _lipswish_slope(s, bx).mul_(t)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor, gdt: Tensor):
+        # Same formulas as _lipswish_slope / _lipswish_curvature, written for the fewest full-size passes (this
+        # backward is ~30% of a default training step): s (1 - s) once, 1/1.1 folded into scalars where it can
+        # be, in-place updates of temporaries, and the beta gradient as one dot product.
         x, t, beta = ctx.saved_tensors
         b = F.softplus(beta)
         bx = x * b
-        s = torch.sigmoid(bx)  # as in _lipswish, without recomputing the value
-        q = _sigmoid_slope(s)
-        r = _lipswish_curvature(s, bx)  # f''(x) = b r, df'/db = x r;  df/db = x^2 q / 1.1
-        d = _lipswish_slope(s, bx)
+        s = torch.sigmoid(bx)
+        q = _sigmoid_slope(s)  # s (1 - s)
+        d = torch.addcmul(s, bx, q).div_(LIPSWISH_SCALE)  # f'(x)
+        r = torch.mul(s, -2.0).add_(1.0).mul_(bx).add_(2.0).mul_(q)  # 1.1 r = (2 + b x (1 - 2 s)) s (1 - s)
         gt = gdt * t
-        grad_x = torch.addcmul(gy * d, gt, r, value=float(b))
+        grad_x = torch.addcmul(gy * d, gt, r, value=float(b) / LIPSWISH_SCALE)  # gy f' + gdt t f'' (f'' = b r)
         grad_t = gdt * d
-        grad_b = (gy * x * x * q).sum() / LIPSWISH_SCALE + (gt * x * r).sum()
+        # df/db = x^2 q / 1.1 and df'/db = x r: sum(gy x^2 q / 1.1 + gt x r) = x . (gy x q + gt 1.1 r) / 1.1
+        acc = (gy * q).mul_(x).addcmul_(gt, r)
+        grad_b = torch.dot(acc.reshape(-1), x.reshape(-1)) / LIPSWISH_SCALE
         grad_beta = (grad_b * torch.sigmoid(beta)).reshape(beta.shape)  # d softplus / d beta = sigmoid
         return grad_x, grad_t, grad_beta
 
