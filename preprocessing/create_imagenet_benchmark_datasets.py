@@ -27,20 +27,20 @@ from tqdm import tqdm
 if not __package__:  # run as a script (python preprocessing/create_imagenet_benchmark_datasets.py): import its folder as the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preprocessing._common import (
-        CHUNK_BYTES,
-        PTH_OVERHEAD,
-        InputError,
-        OneLineArgumentParser,
-        atomic_output,
-        check_free_space,
-        flush_memmap,
-        human_bytes,
-        npy_nhwc_to_pth,
-        open_memmap,
-        release_pages,
-        run_cli,
-        save_nchw_pth,
-        temp_path,
+    CHUNK_BYTES,
+    PTH_OVERHEAD,
+    InputError,
+    OneLineArgumentParser,
+    atomic_output,
+    check_free_space,
+    flush_memmap,
+    human_bytes,
+    npy_nhwc_to_pth,
+    open_memmap,
+    release_pages,
+    run_cli,
+    save_nchw_pth,
+    temp_path,
     )  # noqa: E402
 
 PROG = "create_imagenet_benchmark_datasets.py"

@@ -35,18 +35,18 @@ from tqdm import tqdm
 if not __package__:  # run as a script (python preprocessing/extract_celeba_from_tfrecords.py): import its folder as the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from preprocessing._common import (
-        CHUNK_BYTES,
-        PTH_OVERHEAD,
-        InputError,
-        OneLineArgumentParser,
-        check_free_space,
-        format_list,
-        human_bytes,
-        open_memmap,
-        release_pages,
-        run_cli,
-        save_nchw_pth,
-        temp_path,
+    CHUNK_BYTES,
+    PTH_OVERHEAD,
+    InputError,
+    OneLineArgumentParser,
+    check_free_space,
+    format_list,
+    human_bytes,
+    open_memmap,
+    release_pages,
+    run_cli,
+    save_nchw_pth,
+    temp_path,
     )  # noqa: E402
 
 PROG = "extract_celeba_from_tfrecords.py"
