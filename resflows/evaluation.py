@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .datasets import get_spec
 from .distributed import all_reduce_sum, broadcast_buffers
 from .factory import image_size, nvals_of
+from .layers.power import TIGHT_LIPSCHITZ
 from .losses import ModelForward, compute_loss
 from .runlog import TrainingError, progress
 
@@ -28,9 +29,6 @@ __all__ = ["TIGHT_LIPSCHITZ", "SAMPLE_CHUNK", "image_shape", "tighten_lipschitz"
 
 logger = logging.getLogger("resflows")
 
-# Power iterations run to convergence before a final evaluation (train_img.py --evaluate) and for EMA
-# weights loaded with load_model(ema=True): the spectral norms, hence the log-dets, are then exact to 1e-6.
-TIGHT_LIPSCHITZ = dict(atol=1e-6, rtol=1e-6, max_iterations=2000)
 SAMPLE_CHUNK = 64  # samples inverted at once: bounds the memory of the fixed-point iterations
 
 

@@ -105,7 +105,8 @@ class _StackBuilder:
 
     def _lip_kwargs(self) -> dict:
         c = self.cfg
-        return dict(coeff=c.coeff, n_iterations=c.n_lipschitz_iters, atol=c.sn_tol, rtol=c.sn_tol)
+        # Only the Lipschitz target: the power-iteration settings are the model's (lipschitz_defaults).
+        return dict(coeff=c.coeff)
 
     # -- residual blocks --------------------------------------------------------------------
     def resblock(self, size: Size, fc: bool, idim: int, first: bool = False) -> iResBlock:

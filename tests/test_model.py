@@ -166,3 +166,42 @@ def test_maintenance_methods():
     moments = model.estimator_moments()
     assert len(moments) == len(model.iresblocks())
     assert all(math.isfinite(a) and b >= 0 for a, b in moments.values())
+
+
+@pytest.mark.parametrize("flags, expected_iters, expected_tolerance", [
+    (["--sn-tol", "0.01"], None, (0.01, 0.01)),                           # iterate to --sn-tol
+    (["--sn-tol", "0.01", "--n-lipschitz-iters", "3"], 3, (None, None)),  # exactly N steps, no tolerance
+])
+def test_the_power_iteration_settings_a_layer_uses(monkeypatch, flags, expected_iters, expected_tolerance):
+    """--n-lipschitz-iters / --sn-tol reach every normalised layer through one path, the model's
+    lipschitz_defaults; the layers store no settings that could disagree with it."""
+    from resflows.cli import parse_args
+    from resflows.factory import model_config_from
+    from resflows.layers.lipschitz import InducedNorm, lipschitz_layers
+
+    cfg, _ = parse_args(["--data", "digits", "--nblocks", "1-1", "--idim", "8", "--fc-idim", "16", *flags])
+    torch.manual_seed(0)
+    model = ResidualFlow(model_config_from(cfg))
+    layers = [m for m in lipschitz_layers(model) if isinstance(m, InducedNorm)]
+    assert layers
+    for m in layers:
+        assert not {"n_iterations", "atol", "rtol"} & set(vars(m)), type(m).__name__
+    seen = []
+    real_step = InducedNorm.power_step
+
+    def spy(self, atol=None, rtol=None):
+        seen.append((id(self), atol, rtol))
+        return real_step(self, atol, rtol)
+
+    monkeypatch.setattr(InducedNorm, "power_step", spy)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(1.5)  # new weights: the power method has work to do
+    iters = model.update_lipschitz()
+    assert {(atol, rtol) for _, atol, rtol in seen} == {expected_tolerance}
+    if expected_iters is None:
+        assert {i for i, _, _ in seen} == {id(m) for m in layers}  # every layer checked against the tolerance
+        assert 1 <= iters < 200
+    else:
+        assert iters == expected_iters

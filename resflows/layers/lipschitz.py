@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torch.nn.init as init
 
 from .norms import INF, Order, as_order, asym_squash, closed_form_setting, has_closed_form, normalize_u, normalize_v
-from .power import MAX_POWER_ITERATIONS, update_lipschitz
+from .power import INIT_POWER_ITERATIONS, INIT_RESTARTS, INIT_TOLERANCE, MAX_POWER_ITERATIONS, update_lipschitz
 
 Tensor = torch.Tensor
 
@@ -50,12 +50,6 @@ __all__ = [
 # Buffers holding the power method's state (vectors and the sigma estimate): they belong to the weights they
 # were computed for, so an EMA copy keeps its own and re-estimates them instead of copying the model's.
 POWER_ITERATION_BUFFERS = ("u", "v", "scale")
-
-# At construction the power method runs from INIT_RESTARTS + 1 random starts (p != 2 can stop at a local
-# maximum), each for at most INIT_POWER_ITERATIONS steps to a tolerance of INIT_TOLERANCE, and keeps the best.
-INIT_RESTARTS = 10
-INIT_POWER_ITERATIONS = 200
-INIT_TOLERANCE = 1e-4
 
 # zero_init divides the initial weight by this: a near-identity residual branch (exact zeros would leave
 # the power method nothing to converge to).
@@ -206,9 +200,6 @@ class InducedNorm(LipschitzMap):
     """Generalised power method on buffers ``u`` (codomain side) and ``v`` (domain side)."""
 
     iterative = True
-    n_iterations: Optional[int]
-    atol: Optional[float]
-    rtol: Optional[float]
 
     def _operator_shape(self) -> Tuple[int, int]:  # pragma: no cover - interface
         """(length of u, length of v): the operator's output and input dimensions."""
@@ -307,14 +298,10 @@ class InducedNormLinear(_LinearMap, InducedNorm):
         coeff: float = 0.97,
         domain: Order = 2,
         codomain: Order = 2,
-        n_iterations: Optional[int] = None,
-        atol: Optional[float] = None,
-        rtol: Optional[float] = None,
         zero_init: bool = False,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.n_iterations, self.atol, self.rtol = n_iterations, atol, rtol
         self._build(self._weight_shape(), bias, coeff, domain, codomain, zero_init)
 
     def _operator_shape(self) -> Tuple[int, int]:
@@ -349,15 +336,11 @@ class InducedNormConv2d(_ConvMap, InducedNorm):
         coeff: float = 0.97,
         domain: Order = 2,
         codomain: Order = 2,
-        n_iterations: Optional[int] = None,
-        atol: Optional[float] = None,
-        rtol: Optional[float] = None,
         spatial_dims: Optional[Sequence[int]] = None,
         zero_init: bool = False,
     ):
         super().__init__()
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, spatial_dims)
-        self.n_iterations, self.atol, self.rtol = n_iterations, atol, rtol
         self._build(self._weight_shape(), bias, coeff, domain, codomain, zero_init,
                     initialized=torch.tensor(1), spatial_dims=torch.tensor([float(s) for s in self.in_hw]))
 
@@ -434,7 +417,7 @@ class ClosedForm(LipschitzMap):
 class LopLinear(_LinearMap, ClosedForm):
     """Linear layer normalised by a closed-form operator norm (domain 1 or codomain inf)."""
 
-    def __init__(self, in_features, out_features, bias=True, coeff=0.97, domain=1, codomain=INF, zero_init=False, **unused):
+    def __init__(self, in_features, out_features, bias=True, coeff=0.97, domain=1, codomain=INF, zero_init=False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._build(self._weight_shape(), bias, coeff, domain, codomain, zero_init)
@@ -444,7 +427,7 @@ class LopConv2d(_ConvMap, ClosedForm):
     """Convolution normalised by a closed-form operator norm (domain 1 or codomain inf)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, coeff=0.97,
-                 domain=1, codomain=INF, spatial_dims=None, zero_init=False, **unused):
+                 domain=1, codomain=INF, spatial_dims=None, zero_init=False):
         super().__init__()
         if tuple(_pair(stride)) != (1, 1):
             raise ValueError("closed-form convolution norms assume stride 1")

@@ -15,10 +15,27 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .lipschitz import LipschitzMap
 
-__all__ = ["update_lipschitz", "MAX_POWER_ITERATIONS"]
+__all__ = ["update_lipschitz", "MAX_POWER_ITERATIONS", "INIT_RESTARTS", "INIT_POWER_ITERATIONS", "INIT_TOLERANCE",
+           "TIGHT_LIPSCHITZ", "TOY_TOLERANCE", "TOY_VALIDATION_ITERATIONS"]
+
+# Every power-iteration budget lives here. What a model runs after each optimiser step comes from its
+# ``lipschitz_defaults()`` (``--n-lipschitz-iters`` / ``--sn-tol``, or the toy's ``--atol`` / ``--rtol``);
+# the layers store no settings of their own.
 
 # Cap on the steps of a tolerance-driven update.
 MAX_POWER_ITERATIONS = 200
+# At construction the power method runs from INIT_RESTARTS + 1 random starts (p != 2 can stop at a local
+# maximum), each for at most INIT_POWER_ITERATIONS steps to a tolerance of INIT_TOLERANCE, and keeps the best.
+INIT_RESTARTS = 10
+INIT_POWER_ITERATIONS = 200
+INIT_TOLERANCE = 1e-4
+# Power iterations run to convergence before a final evaluation (train_img.py --evaluate) and for EMA
+# weights loaded with load_model(ema=True): the spectral norms, hence the log-dets, are then exact to 1e-6.
+TIGHT_LIPSCHITZ = dict(atol=1e-6, rtol=1e-6, max_iterations=2000)
+# train_toy.py with --n-lipschitz-iters None and neither --atol nor --rtol: iterate to this tolerance.
+TOY_TOLERANCE = 1e-3
+# Power iterations before each validation of train_toy.py, as the paper's toy script.
+TOY_VALIDATION_ITERATIONS = 200
 # On accelerators the convergence flags are read every this many steps: each read is a host synchronisation.
 ACCELERATOR_CHECK_EVERY = 2
 

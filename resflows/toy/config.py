@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..config import format_vnorms, parse_int_tuple, parse_vnorms
 from ..flags import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag, rules_of
+from ..layers.power import TOY_TOLERANCE
 from .data import DATASETS
 
 __all__ = ["ToyConfig", "TOY_ACTIVATIONS", "TOY_RULES"]
@@ -27,9 +28,9 @@ class ToyConfig:
     vnorms: Tuple[float, ...] = flag((2.0,) * 6, "norm orders p0..pL along each residual net (f = inf); len(dims) + 2 orders "
                                      "(extra ones are ignored)")
     n_lipschitz_iters: Optional[int] = flag(5, "power iterations per step; None = to --atol/--rtol", range=POSITIVE)
-    atol: Optional[float] = flag(None, "power-iteration tolerance when --n-lipschitz-iters None (default 1e-3)",
+    atol: Optional[float] = flag(None, f"power-iteration tolerance when --n-lipschitz-iters None (default {TOY_TOLERANCE:g})",
                                  range=Range(0, lo_open=True))
-    rtol: Optional[float] = flag(None, "power-iteration tolerance when --n-lipschitz-iters None (default 1e-3)",
+    rtol: Optional[float] = flag(None, f"power-iteration tolerance when --n-lipschitz-iters None (default {TOY_TOLERANCE:g})",
                                  range=Range(0, lo_open=True))
     learn_p: bool = flag(False, "learn the norm orders")
     mixed: bool = flag(True, "with --learn-p: one learned order per position (True) or one shared by every layer (False)")
@@ -85,11 +86,11 @@ class ToyConfig:
 
     def lipschitz_kwargs(self) -> Dict[str, Any]:
         """Arguments of the power-iteration update after each step: ``--n-lipschitz-iters`` if set, else
-        iterate to ``--atol`` / ``--rtol`` (1e-3 when neither is given)."""
+        iterate to ``--atol`` / ``--rtol`` (:data:`~resflows.layers.power.TOY_TOLERANCE` when neither is given)."""
         if self.n_lipschitz_iters is not None:
             return dict(n_iterations=self.n_lipschitz_iters, atol=None, rtol=None)
         if self.atol is None and self.rtol is None:
-            return dict(n_iterations=None, atol=1e-3, rtol=1e-3)
+            return dict(n_iterations=None, atol=TOY_TOLERANCE, rtol=TOY_TOLERANCE)
         return dict(n_iterations=None, atol=self.atol, rtol=self.rtol)
 
     def validate(self) -> None:

@@ -19,6 +19,7 @@ from ..layers import (
     make_activation,
 )
 from ..layers.base import zeros_logdet
+from ..layers.power import TOY_TOLERANCE
 from ..layers.upkeep import FlowUpkeep
 from .config import ToyConfig
 
@@ -47,7 +48,7 @@ class ToyFlow(FlowUpkeep, SequentialFlow):
 
     def __init__(self, layers: Sequence[nn.Module], lipschitz_kwargs: Optional[Dict] = None):
         super().__init__(layers)
-        self.lipschitz_kwargs = dict(lipschitz_kwargs or dict(n_iterations=None, atol=1e-3, rtol=1e-3))
+        self.lipschitz_kwargs = dict(lipschitz_kwargs or dict(n_iterations=None, atol=TOY_TOLERANCE, rtol=TOY_TOLERANCE))
 
     def lipschitz_defaults(self) -> Dict:
         """The config's power-iteration settings (``ToyConfig.lipschitz_kwargs``)."""
@@ -82,7 +83,6 @@ def residual_net(cfg: ToyConfig) -> nn.Sequential:
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(make_activation(cfg.act))
         layers.append(get_linear(n_in, n_out, coeff=cfg.coeff, domain=domains[i], codomain=codomains[i],
-                                 n_iterations=cfg.n_lipschitz_iters, atol=cfg.atol, rtol=cfg.rtol,
                                  zero_init=i == len(sizes) - 2))
     return nn.Sequential(*layers)
 

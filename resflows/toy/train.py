@@ -17,6 +17,7 @@ import torch
 
 from ..checkpoint import CheckpointError, atomic_save
 from ..layers.lipschitz import norm_order_gradients
+from ..layers.power import TOY_VALIDATION_ITERATIONS
 from ..losses import standard_normal_logprob
 from ..runlog import MAX_NONFINITE_STEPS, TrainingError, progress
 from .config import ToyConfig
@@ -31,7 +32,6 @@ logger = logging.getLogger("resflows")
 TOY_FORMAT = "resflows-toy"
 TOY_FORMAT_VERSION = 1
 VIZ_DATA_SAMPLES = 20000  # points in the data histogram (the paper's figure)
-VALIDATION_POWER_ITERS = 200  # power iterations before each validation, as the paper's toy script
 
 
 def prepare_runtime(device: torch.device) -> None:
@@ -121,7 +121,7 @@ class ToyTrainer:
     def validate(self) -> float:
         """Test NLL (nats) on the fixed test set, exact 2-D log-dets (evaluation mode), in chunks, after 200
         power iterations whose vectors training then continues from (as the paper's toy script)."""
-        self.model.update_lipschitz(n_iterations=VALIDATION_POWER_ITERS)
+        self.model.update_lipschitz(n_iterations=TOY_VALIDATION_ITERATIONS)
         with eval_mode(self.model):
             loss = float(-log_density(self.model, self.test_x, self.chunk_size).mean())
         self.last_test_loss = loss
