@@ -6,7 +6,7 @@
 
 Writes under --save: ``logs``, ``tb/`` (TensorBoard), ``figs/ITER.png`` (data | model density | model
 samples, 900 x 300 pixels), ``checkpt.pth`` (best test loss) and ``last.pth`` (at the end, or on
-SIGINT / SIGTERM). Flags are the paper's (SPEC section 2; see --help). This script only parses flags, builds
+SIGINT / SIGTERM). Flags are the paper's toy script's (names and defaults; see --help). This script only parses flags, builds
 the model through resflows.toy and hands over to resflows.toy.ToyTrainer.
 """
 from __future__ import annotations

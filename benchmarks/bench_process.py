@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The issue's whole-process measurement of ``train_img.py``: time per training step and peak RSS.
+"""The whole-process measurement our performance targets were set with, of ``train_img.py``: time per training step and peak RSS.
 
     python benchmarks/bench_process.py                          # this tree, 3 rounds
     git archive f69516d | (mkdir -p /tmp/before && tar -x -C /tmp/before)

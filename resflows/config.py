@@ -240,7 +240,7 @@ def _model(name: str) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every ``train_img.py`` flag (SPEC section 1) plus ours, typed, in ``--help`` order. Field names are the
+    """Every ``train_img.py`` flag of the paper's ``train_img.py`` plus ours, typed, in ``--help`` order. Field names are the
     paper's argparse destinations, so a paper checkpoint's ``args`` maps onto it directly. The model's
     settings are ModelConfig's fields (``_model``), except the three given as strings on the command line."""
 
@@ -350,7 +350,7 @@ class TrainConfig:
     @classmethod
     def from_paper_args(cls, args: Dict[str, Any]) -> "TrainConfig":
         """Map the ``argparse.Namespace`` saved in a paper checkpoint (read as a dict) onto our config.
-        Unknown keys are ignored; values keep their meaning (SPEC section 1)."""
+        Unknown keys are ignored; values keep their meaning (our flags are the paper's)."""
         cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
         cfg.act = parse_act(cfg.act)  # the i-DenseNets fork saved --act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.

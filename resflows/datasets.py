@@ -54,7 +54,7 @@ def _note_not_memory_mapped(path: str) -> None:
 
 
 class PthImages(Dataset):
-    """A ``.pth`` file holding a uint8 ``[N, C, H, W]`` tensor (SPEC section 5); labels are 0.
+    """A ``.pth`` file holding a uint8 ``[N, C, H, W]`` tensor (the paper's format); labels are 0.
 
     The file is memory-mapped, so ImageNet-sized arrays are read image by image instead of loaded
     whole. ``start``/``stop`` select a slice (celeba_5bit's reference test split is the first 5000).

@@ -1,4 +1,4 @@
-"""A guarded reader for checkpoints written by the paper's code (SPEC section 6).
+"""A guarded reader for checkpoints written by the paper's code (format: docs/paper-differences.md).
 
 Those files are pickles that name the paper's classes (``resflows.*`` or, for the released 2019
 checkpoints, ``lib.*``), an ``argparse.Namespace`` and an EMA object holding a whole pickled model.

@@ -41,7 +41,7 @@ def padding_logprob(x: Tensor, im_dim: int, nvals: int, dist: str = "uniform") -
 
 def bits_per_dim(z: Tensor, logdet: Tensor, image_shape: Sequence[int], nvals: int, padding: int = 0,
                  logpu: Optional[Tensor] = None, beta: float = 1.0) -> Tensor:
-    """Per-example bits/dim ``-log p(x) / (C H W ln 2)`` of the discrete image (SPEC section 1).
+    """Per-example bits/dim ``-log p(x) / (C H W ln 2)`` of the discrete image (the paper's).
 
     ``log p(x) = log N(z) + beta * logdet - D log(nvals) - log p(u)`` with ``D = H W (C + padding)``: the
     flow's density of the dequantised input, the change of variables to [0, 1] pixels (``-D log nvals``),

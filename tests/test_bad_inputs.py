@@ -1,4 +1,5 @@
-"""Every bad input to the entry points ends in one line, and nothing is lost (issue 15, entry-point half).
+"""Every bad input to the entry points ends in one line, and nothing is lost (the preprocessing scripts' bad
+inputs: tests/preprocessing/test_bad_inputs.py).
 
 One table: the command (with the file set-up or fault it needs), the exit code, the one line it prints
 (a regex), and the files that must be unchanged (or gone) afterwards. Cases run in-process through

@@ -1,4 +1,5 @@
-"""Same numbers as the paper's code (issue 14): one test (or a few) per behavioural difference closed.
+"""Same numbers as the paper's code: one test (or a few) per behaviour of the paper's that we once did
+otherwise (docs/paper-differences.md lists what we keep and where we differ on purpose).
 
 Each test states the paper's behaviour it checks; all fail on the code before the change.
 """

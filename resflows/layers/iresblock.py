@@ -15,7 +15,7 @@ carries a graph, so memory does not grow with the number of terms. With ``grad_i
 "backward-in-forward", our ``--mem-eff``) the estimator's graph never outlives one block: the series runs
 without a graph in the forward pass and the single differentiated product is formed in this block's own
 backward pass, weighted by each sample's own upstream gradient (the paper's code scaled every sample by
-the first sample's; see SPEC section 7.1).
+the first sample's, exact only for a batch mean).
 """
 from __future__ import annotations
 

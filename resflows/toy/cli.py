@@ -1,4 +1,4 @@
-"""The ``train_toy.py`` command line (SPEC section 2): the paper's flag names and defaults, parsed once into
+"""The ``train_toy.py`` command line: the paper's toy script's flag names and defaults, parsed once into
 a :class:`ToyConfig`."""
 from __future__ import annotations
 

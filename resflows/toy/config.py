@@ -1,4 +1,4 @@
-"""Typed configuration of ``train_toy.py`` (SPEC section 2): the paper's flags, same names and defaults."""
+"""Typed configuration of ``train_toy.py``: the paper's toy script's flags, same names and defaults."""
 from __future__ import annotations
 
 import dataclasses

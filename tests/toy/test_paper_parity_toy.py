@@ -1,4 +1,4 @@
-"""train_toy.py as the paper's toy script (issue 14, item 9): Adam betas, --batchnorm after each block,
+"""train_toy.py as the paper's toy script (docs/paper-differences.md, "Where we differ", item 9): Adam betas, --batchnorm after each block,
 --vnorms without --mixed, 200 power iterations before each test evaluation, learned orders' objective."""
 import copy
 import math

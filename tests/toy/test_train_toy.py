@@ -22,7 +22,7 @@ TINY = ["--nblocks", "2", "--dims", "8-8", "--batch_size", "32", "--test_batch_s
 cli = functools.partial(helpers.cli, main=train_toy.main)
 
 
-def test_defaults_match_the_spec():
+def test_defaults_are_the_paper_toy_scripts():
     cfg = parse_args([])
     expected = dict(data="pinwheel", arch="iresnet", coeff=0.9, vnorms=(2.0,) * 6, n_lipschitz_iters=5, atol=None,
                     rtol=None, learn_p=False, mixed=True, dims=(128, 128, 128, 128), act="swish", nblocks=100,
