@@ -22,10 +22,10 @@ import torch
 
 from resflows import evaluation
 from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
-from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
+from resflows.cli import merge_resume_config, parse_args
 from resflows.config import ConfigError, ModelConfig, TrainConfig
 from resflows.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
-from resflows.entry import SaveLock, remove_leftovers, run_entry_point
+from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
 from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
 from resflows.loaders import build_data

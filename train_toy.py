@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from resflows.cli import prepare_save_dir
 from resflows.config import ConfigError
-from resflows.entry import SaveLock, remove_leftovers, run_entry_point
+from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
 from resflows.runlog import setup_logger, stop_on_signals
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.toy.cli import parse_args

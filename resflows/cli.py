@@ -11,27 +11,7 @@ from .config import ConfigError, TrainConfig
 from .flags import OneLineArgumentParser, add_flags, names_where, option
 
 __all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "RUN_FLAGS", "merge_resume_config",
-           "prepare_save_dir", "validate_config", "check_device"]
-
-
-def prepare_save_dir(path: str, subfolders: Sequence[str] = ()) -> str:
-    """Create ``--save`` (with parents and ``subfolders``); fail with one line if it cannot be written."""
-    import os
-
-    if not path:
-        raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/run1")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--save {path} is a file, not a folder")
-    try:
-        for sub in list(subfolders) or [""]:
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--save {path} is not writable ({e.strerror or e})") from None
-    return path
+           "validate_config", "check_device"]
 
 
 def build_parser(prog: str = "train_img.py", defaults: bool = True) -> argparse.ArgumentParser:

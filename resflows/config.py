@@ -25,7 +25,7 @@ from .flags import (
     rules_of,
     same_flag,
 )
-from .layers.activations import ACTIVATION_ALIASES
+from .layers.activations import ACTIVATION_ALIASES, activation_choices
 
 __all__ = [
     "ConfigError",
@@ -138,8 +138,7 @@ class ModelConfig:
     mem_eff: bool = flag(True, "memory-efficient log-det gradients (backward-in-forward)")
     # choices: the command line's; the Python API takes any name in resflows.layers.ACTIVATIONS.
     act: str = flag("swish", "swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish are accepted",
-                    type=parse_act, choices=("softplus", "elu", "swish", "lcube", "identity", "relu", "clipswish", "leakylswish"),
-                    arch=True)
+                    type=parse_act, choices=activation_choices("img"), arch=True)
     kernels: Tuple[int, ...] = flag((3, 1, 3), range=POSITIVE, arch=True)
     fc_end: bool = flag(True, arch=True)
     fc_nblocks: int = flag(4, range=NON_NEGATIVE, arch=True)

@@ -17,7 +17,7 @@ import shutil
 import socket
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from torch.utils.data import Dataset
 __all__ = [
     "DATASETS",
     "DatasetSpec",
+    "TorchvisionFiles",
+    "PthFiles",
     "DataNotFoundError",
     "ImageLevelsDataset",
     "PthImages",
@@ -136,19 +138,10 @@ class _TorchvisionImages(Dataset):
         return self.tf(img), int(y)
 
 
-_TV_FILES = {
-    "mnist": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
-              "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four .gz files, or their extracted idx files)"),
-    "cifar10": ("cifar-10-batches-py", ["data_batch_1", "...", "data_batch_5", "test_batch"],
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it there)"),
-    "svhn": (".", ["train_32x32.mat", "test_32x32.mat"], "http://ufldl.stanford.edu/housenumbers/"),
-}
-
-
 def _gunzip_mnist(root: str) -> None:
     # Users often drop the .gz files in place; torchvision only looks for the extracted ones.
     raw = os.path.join(root, "MNIST", "raw")
-    for name in _TV_FILES["mnist"][1]:
+    for name in DATASETS["mnist"].files.files:
         target, gz = os.path.join(raw, name), os.path.join(raw, name + ".gz")
         if not os.path.exists(target) and os.path.exists(gz):
             with gzip.open(gz, "rb") as src, open(target + ".part", "wb") as dst:
@@ -159,21 +152,19 @@ def _gunzip_mnist(root: str) -> None:
 def _torchvision(name: str, root: str, train: bool):
     from torchvision import datasets as tvd
 
-    if name == "mnist":
+    tv = get_spec(name).files
+    if tv.gunzip:
         _gunzip_mnist(root)
 
     def make(download: bool):
-        if name == "mnist":
-            return tvd.MNIST(root, train=train, download=download)
-        if name == "cifar10":
-            return tvd.CIFAR10(root, train=train, download=download)
-        return tvd.SVHN(root, split="train" if train else "test", download=download)
+        split = dict(split="train" if train else "test") if tv.split_arg else dict(train=train)
+        return getattr(tvd, tv.cls)(root, download=download, **split)
 
     try:
         return make(False)
     except (RuntimeError, OSError):
         pass
-    sub, files, url = _TV_FILES[name]
+    sub, files, url = tv.folder, tv.files, tv.url
     folder = os.path.normpath(os.path.join(root, sub))
     where = f"Place {', '.join(files)} in {folder} (from {url}), or run once with internet access."
     if os.environ.get("RESFLOWS_OFFLINE"):
@@ -270,8 +261,32 @@ class ImageLevelsDataset(Dataset):
 # Registry
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TorchvisionFiles:
+    """A torchvision dataset: its class, where its files go under ``--dataroot`` and where to get them."""
+
+    cls: str  # the torchvision.datasets class
+    folder: str
+    files: Tuple[str, ...]
+    url: str
+    split_arg: bool = False  # the class takes split="train" / "test" (SVHN), not train=True / False
+    gunzip: bool = False  # .gz files dropped in place are extracted first (MNIST)
+
+
+@dataclass(frozen=True)
+class PthFiles:
+    """A dataset in ``.pth`` files (uint8 ``[N, C, H, W]``), relative to ``--dataroot``, and the script that
+    builds them."""
+
+    train: str
+    test: str
+    script: str
+    test_stop: Optional[int] = None  # the test split is the first test_stop images of ``test``
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """What the model and the loss need to know about a dataset."""
+    """One ``--data`` choice: what the model and the loss need to know, where its images come from, and
+    its training augmentation."""
 
     name: str
     im_dim: int
@@ -281,6 +296,10 @@ class DatasetSpec:
     logit_alpha: float
     nvals_fixed: Optional[int] = None  # None: 2**nbits (celebahq)
     default_size: int = 32  # without --imagesize (the paper's default 32; digits: native 8)
+    files: Union[None, TorchvisionFiles, PthFiles] = None  # None: scikit-learn's digits
+    file_levels: Optional[int] = None  # levels in the files when --nbits reduces them (celebahq: 256)
+    crop: Optional[str] = None  # training random crop (pad 4): "always", or "classification" (that task and hybrid)
+    flip: bool = False  # training horizontal flips (after the crop)
 
     def nvals(self, nbits: int = 8) -> int:
         return self.nvals_fixed if self.nvals_fixed is not None else 2**nbits
@@ -291,30 +310,45 @@ class DatasetSpec:
         return self.default_size if imagesize is None else int(imagesize)
 
 
+_PTH_HINT_IMAGENET = "preprocessing/create_imagenet_benchmark_datasets.py"
+
 DATASETS = {
-    "mnist": DatasetSpec("mnist", 1, 10, 28, False, 1e-6, 256),
-    "cifar10": DatasetSpec("cifar10", 3, 10, 32, False, 0.05, 256),
-    "svhn": DatasetSpec("svhn", 3, 10, 32, False, 0.05, 256),
-    "celebahq": DatasetSpec("celebahq", 3, 1, 256, True, 0.05, None),
-    "celeba_5bit": DatasetSpec("celeba_5bit", 3, 1, 64, True, 0.05, 32),
-    "imagenet32": DatasetSpec("imagenet32", 3, 1, 32, True, 0.05, 256),
-    "imagenet64": DatasetSpec("imagenet64", 3, 1, 64, True, 0.05, 256),
-    "digits": DatasetSpec("digits", 1, 10, 8, False, 0.05, 17, default_size=8),
+    "mnist": DatasetSpec(
+        "mnist", im_dim=1, n_classes=10, native_size=28, forced_size=False, logit_alpha=1e-6, nvals_fixed=256,
+        files=TorchvisionFiles("MNIST", "MNIST/raw", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+                               "https://ossci-datasets.s3.amazonaws.com/mnist/ (the four .gz files, or their extracted idx files)",
+                               gunzip=True)),
+    "cifar10": DatasetSpec(
+        "cifar10", im_dim=3, n_classes=10, native_size=32, forced_size=False, logit_alpha=0.05, nvals_fixed=256,
+        files=TorchvisionFiles("CIFAR10", "cifar-10-batches-py", ("data_batch_1", "...", "data_batch_5", "test_batch"),
+                               "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it there)"),
+        crop="classification", flip=True),
+    "svhn": DatasetSpec(
+        "svhn", im_dim=3, n_classes=10, native_size=32, forced_size=False, logit_alpha=0.05, nvals_fixed=256,
+        files=TorchvisionFiles("SVHN", ".", ("train_32x32.mat", "test_32x32.mat"), "http://ufldl.stanford.edu/housenumbers/",
+                               split_arg=True),
+        crop="always"),  # every task, as the paper (not only classification)
+    "celebahq": DatasetSpec(
+        "celebahq", im_dim=3, n_classes=1, native_size=256, forced_size=True, logit_alpha=0.05, nvals_fixed=None,
+        files=PthFiles("celebahq/celeba256_train.pth", "celebahq/celeba256_validation.pth",
+                       "preprocessing/extract_celeba_from_tfrecords.py"),
+        file_levels=256, flip=True),
+    "celeba_5bit": DatasetSpec(
+        "celeba_5bit", im_dim=3, n_classes=1, native_size=64, forced_size=True, logit_alpha=0.05, nvals_fixed=32,
+        # The reference uses the file's first 5000 images as its test set (they overlap train).
+        files=PthFiles("celebahq64_5bit/celeba_full_64x64_5bit.pth", "celebahq64_5bit/celeba_full_64x64_5bit.pth",
+                       "preprocessing/convert_to_pth.py celebahq64_5bit/celeba_full_64x64_5bit.npy", test_stop=5000),
+        flip=True),
+    "imagenet32": DatasetSpec(
+        "imagenet32", im_dim=3, n_classes=1, native_size=32, forced_size=True, logit_alpha=0.05, nvals_fixed=256,
+        files=PthFiles("imagenet32/train_32x32.pth", "imagenet32/valid_32x32.pth", _PTH_HINT_IMAGENET)),
+    "imagenet64": DatasetSpec(
+        "imagenet64", im_dim=3, n_classes=1, native_size=64, forced_size=True, logit_alpha=0.05, nvals_fixed=256,
+        files=PthFiles("imagenet64/train_64x64.pth", "imagenet64/valid_64x64.pth", _PTH_HINT_IMAGENET)),
+    "digits": DatasetSpec(
+        "digits", im_dim=1, n_classes=10, native_size=8, forced_size=False, logit_alpha=0.05, nvals_fixed=17, default_size=8),
 }
-
-_PTH = {
-    # name: (train file, test file, script that builds them) -- relative to --dataroot
-    "celebahq": ("celebahq/celeba256_train.pth", "celebahq/celeba256_validation.pth",
-                 "preprocessing/extract_celeba_from_tfrecords.py"),
-    "celeba_5bit": ("celebahq64_5bit/celeba_full_64x64_5bit.pth", "celebahq64_5bit/celeba_full_64x64_5bit.pth",
-                    "preprocessing/convert_to_pth.py celebahq64_5bit/celeba_full_64x64_5bit.npy"),
-    "imagenet32": ("imagenet32/train_32x32.pth", "imagenet32/valid_32x32.pth",
-                   "preprocessing/create_imagenet_benchmark_datasets.py"),
-    "imagenet64": ("imagenet64/train_64x64.pth", "imagenet64/valid_64x64.pth",
-                   "preprocessing/create_imagenet_benchmark_datasets.py"),
-}
-
-CELEBA_5BIT_TEST = 5000  # the reference uses the first 5000 images as its test set (they overlap train)
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -330,34 +364,24 @@ def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Opt
     """The train or test split of ``--data name`` as dequantised float images in [0, 1] and labels."""
     spec = get_spec(name)
     size = spec.resolve_size(imagesize)
-    augment: list = []
-    levels_from = spec.nvals(nbits)
-    classification = task in ("classification", "hybrid")
-    if name == "digits":
+    files = spec.files
+    if files is None:
         source: Dataset = DigitsImages(train, size)
-    elif name in ("mnist", "cifar10", "svhn"):
+    elif isinstance(files, TorchvisionFiles):
         source = _TorchvisionImages(_torchvision(name, dataroot, train), size)
-        if train and name == "cifar10":
-            if classification:
-                augment.append(_random_crop(4, rcrop_pad_mode))
-            augment.append(_flip)
-        if train and name == "svhn":  # every task, as the paper (not only classification)
-            augment.append(_random_crop(4, rcrop_pad_mode))
     else:
-        train_file, test_file, script = _PTH[name]
-        path = os.path.join(dataroot, train_file if train else test_file)
-        if name == "celeba_5bit":
-            source = PthImages(path, script) if train else PthImages(path, script, 0, CELEBA_5BIT_TEST)
-        else:
-            source = PthImages(path, script)
+        path = os.path.join(dataroot, files.train if train else files.test)
+        source = PthImages(path, files.script) if train else PthImages(path, files.script, 0, files.test_stop)
         expected = (spec.im_dim, size, size)
         if tuple(source.data.shape[1:]) != expected:
             raise DataNotFoundError(
                 f"{path} holds {'x'.join(map(str, source.data.shape[1:]))} images, but --data {name} needs "
-                f"{'x'.join(map(str, expected))}; rebuild it with {script}")
-        if name == "celebahq":
-            levels_from = 256
-        if train and name in ("celebahq", "celeba_5bit"):
-            augment.append(_flip)
+                f"{'x'.join(map(str, expected))}; rebuild it with {files.script}")
+    augment: list = []
+    if train and (spec.crop == "always" or (spec.crop == "classification" and task in ("classification", "hybrid"))):
+        augment.append(_random_crop(4, rcrop_pad_mode))
+    if train and spec.flip:
+        augment.append(_flip)
+    levels_from = spec.file_levels or spec.nvals(nbits)
     return ImageLevelsDataset(source, spec.nvals(nbits), tuple(augment), add_noise, padding, padding_dist, seed,
                               levels_from=levels_from, dequant=dequant)

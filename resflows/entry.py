@@ -1,5 +1,5 @@
-"""What the entry points (``train_img.py``, ``train_toy.py``) share around a run: one-line errors, the lock
-on the ``--save`` folder, and cleaning what a killed run left behind.
+"""What the entry points (``train_img.py``, ``train_toy.py``) share around a run: one-line errors, the
+``--save`` folder (created and checked, locked), and cleaning what a killed run left behind.
 
 Every failure a user can cause (a bad flag, a missing or damaged file, a full disk, too little memory, a
 second run in the same folder) ends in one line naming the flag or file and what to do. Anything else is a
@@ -15,11 +15,11 @@ import os
 import socket
 import sys
 import traceback
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["run_entry_point", "describe_error", "SaveLock", "remove_leftovers"]
+__all__ = ["run_entry_point", "describe_error", "prepare_save_dir", "SaveLock", "remove_leftovers"]
 
 logger = logging.getLogger("resflows")
 
@@ -73,6 +73,26 @@ def run_entry_point(prog: str, run: Callable[[], int]) -> int:
         print(f"{prog}: internal error ({type(e).__name__}): this is a bug in resflows; please report it with the "
               f"command line and the traceback above", file=sys.stderr)
         return EXIT_BUG
+
+
+def prepare_save_dir(path: str, subfolders: Sequence[str] = ()) -> str:
+    """Create ``--save`` (with parents and ``subfolders``); fail with one line if it cannot be written."""
+    from .config import ConfigError
+
+    if not path:
+        raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/run1")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--save {path} is a file, not a folder")
+    try:
+        for sub in list(subfolders) or [""]:
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save {path} is not writable ({e.strerror or e})") from None
+    return path
 
 
 class SaveLock:

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any, Iterator, Optional
 
-__all__ = ["MAX_NONFINITE_STEPS", "TrainingError", "setup_logger", "progress", "stop_on_signals"]
+__all__ = ["MAX_NONFINITE_STEPS", "TrainingError", "skipped_nonfinite_step", "setup_logger", "progress", "stop_on_signals"]
 
 # Steps skipped in a row for a non-finite loss or gradient before the run gives up: one bad batch is
 # noise, five in a row mean the weights have diverged.
@@ -21,6 +21,18 @@ MAX_NONFINITE_STEPS = 5
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss stayed non-finite); the message says what to do."""
+
+
+def skipped_nonfinite_step(in_a_row: int, itr: int, advice: str) -> int:
+    """The non-finite-step rule of both trainers, called when iteration ``itr``'s loss or gradient is
+    non-finite and its step is skipped (the caller drops the gradients): say so, and after
+    :data:`MAX_NONFINITE_STEPS` in a row raise :class:`TrainingError` ending in ``advice``. Returns the new
+    count of skipped steps in a row (the caller resets it to 0 after a good step)."""
+    in_a_row += 1
+    logging.getLogger("resflows").warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", itr, in_a_row)
+    if in_a_row >= MAX_NONFINITE_STEPS:
+        raise TrainingError(f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row (iteration {itr}); {advice}")
+    return in_a_row
 
 
 def setup_logger(save_dir: Optional[str], is_main: bool) -> logging.Logger:

@@ -32,7 +32,7 @@ from .loaders import RunData, build_data
 from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
-from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress
+from .runlog import TrainingError, progress, skipped_nonfinite_step
 
 __all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM"]
 
@@ -336,14 +336,10 @@ class Trainer:
             self.stop_signal = "a stop signal on another rank"
         if flags[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            logger.warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", self.itr, self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                raise TrainingError(
-                    f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row (iteration {self.itr}); "
-                    f"the last good checkpoint is in {os.path.join(self.save_dir, 'models')}. "
-                    f"Try a lower --lr, a longer --warmup-iters or a smaller --coeff"
-                )
+            self.nonfinite_in_a_row = skipped_nonfinite_step(
+                self.nonfinite_in_a_row, self.itr,
+                f"the last good checkpoint is in {os.path.join(self.save_dir, 'models')}. "
+                f"Try a lower --lr, a longer --warmup-iters or a smaller --coeff")
             return None
         self.nonfinite_in_a_row = 0
         if self.cfg.learn_p:

@@ -69,3 +69,17 @@ def test_toy_flags_keep_the_papers_underscores():
     assert parse_toy_args([]) == ToyConfig()
     with pytest.raises(SystemExit):
         parse_toy_args(["--batch-size", "7"])
+
+
+def test_the_command_lines_act_choices_come_from_the_registry():
+    import dataclasses
+
+    from resflows.config import ModelConfig
+    from resflows.flags import flag_spec
+    from resflows.layers.activations import ACTIVATION_SCRIPTS, ACTIVATIONS
+    from resflows.toy.config import ToyConfig
+
+    assert set(ACTIVATION_SCRIPTS) <= set(ACTIVATIONS)
+    for cls, script in ((ModelConfig, "img"), (ToyConfig, "toy")):
+        act = next(f for f in dataclasses.fields(cls) if f.name == "act")
+        assert set(flag_spec(act).choices) == {n for n, s in ACTIVATION_SCRIPTS.items() if script in s}

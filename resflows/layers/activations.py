@@ -31,6 +31,8 @@ __all__ = [
     "LeakyLSwish",
     "ACTIVATIONS",
     "ACTIVATION_ALIASES",
+    "ACTIVATION_SCRIPTS",
+    "activation_choices",
     "make_activation",
     "LIPSWISH_SCALE",
     "CLIPSWISH_SCALE",
@@ -71,9 +73,10 @@ def _lipswish_slope(s: Tensor, bx: Tensor) -> Tensor:
     return torch.addcmul(s, bx, _sigmoid_slope(s)) / LIPSWISH_SCALE
 
 
-def _lipswish_curvature(s: Tensor, bx: Tensor) -> Tensor:
-    """r = s (1 - s) (2 + b x (1 - 2 s)) / 1.1, so that f''(x) = b r and d f'(x) / d b = x r."""
-    return _sigmoid_slope(s) * (2 + bx * (1 - 2 * s)) / LIPSWISH_SCALE
+def _lipswish_curvature(s: Tensor, bx: Tensor, q: Tensor) -> Tensor:
+    """1.1 r = (2 + b x (1 - 2 s)) q with ``q = s (1 - s)``, where f''(x) = b r and d f'(x) / d b = x r.
+    In-place on its own temporaries only, so it stays differentiable (``_LipSwishSlopes.backward``)."""
+    return torch.mul(s, -2.0).add_(1.0).mul_(bx).add_(2.0).mul_(q)
 
 
 def _lipswish_value_and_slope(m: "LipSwish", x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -94,16 +97,16 @@ class _LipSwishDual(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor, gdt: Tensor):
-        # Same formulas as _lipswish_slope / _lipswish_curvature, written for the fewest full-size passes (this
-        # backward is ~30% of a default training step): s (1 - s) once, 1/1.1 folded into scalars where it can
-        # be, in-place updates of temporaries, and the beta gradient as one dot product.
+        # The formulas of _lipswish_slope / _lipswish_curvature, arranged for the fewest full-size passes
+        # (benchmarks/README.md measures why): s (1 - s) once, 1/1.1 folded into scalars where it can be,
+        # in-place updates of temporaries, and the beta gradient as one dot product.
         x, t, beta = ctx.saved_tensors
         b = F.softplus(beta)
         bx = x * b
         s = torch.sigmoid(bx)
         q = _sigmoid_slope(s)  # s (1 - s)
         d = torch.addcmul(s, bx, q).div_(LIPSWISH_SCALE)  # f'(x)
-        r = torch.mul(s, -2.0).add_(1.0).mul_(bx).add_(2.0).mul_(q)  # 1.1 r = (2 + b x (1 - 2 s)) s (1 - s)
+        r = _lipswish_curvature(s, bx, q)  # 1.1 r
         gt = gdt * t
         grad_x = torch.addcmul(gy * d, gt, r, value=float(b) / LIPSWISH_SCALE)  # gy f' + gdt t f'' (f'' = b r)
         grad_t = gdt * d
@@ -150,11 +153,12 @@ class _LipSwishSlopes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gd: Tensor, ge: Tensor):
-        # d2f/dx2 = b r, d2f/dx db = x r, d2f/db2 = x^3 q (1 - 2 s) / 1.1 (not in place: differentiable again).
+        # d2f/dx2 = b r, d2f/dx db = x r, d2f/db2 = x^3 q (1 - 2 s) / 1.1 (differentiable again).
         x, b = ctx.saved_tensors
         bx = x * b
         s = torch.sigmoid(bx)
-        r = _lipswish_curvature(s, bx)
+        q = _sigmoid_slope(s)
+        r = _lipswish_curvature(s, bx, q) / LIPSWISH_SCALE
         grad_x = grad_b = None
         if gd is not None:
             grad_x = gd * b * r
@@ -162,7 +166,7 @@ class _LipSwishSlopes(torch.autograd.Function):
         if ge is not None:
             xr = x * r
             grad_x = ge * xr if grad_x is None else grad_x + ge * xr
-            gb = (ge * x * x * x * _sigmoid_slope(s) * (1 - 2 * s)).sum() / LIPSWISH_SCALE
+            gb = (ge * x * x * x * q * (1 - 2 * s)).sum() / LIPSWISH_SCALE
             grad_b = gb if grad_b is None else grad_b + gb
         if grad_b is not None:
             grad_b = grad_b.reshape(b.shape)
@@ -333,6 +337,22 @@ ACTIVATIONS = {
     "clipswish": CLipSwish,
     "leakylswish": LeakyLSwish,
 }
+
+# The command lines that offer each name as an `--act` choice ("img": train_img.py, "toy": train_toy.py): the
+# paper's choices for each script, plus the i-DenseNets fork's for images. The Python API takes any name of
+# ACTIVATIONS; a name missing here is offered by neither command line.
+ACTIVATION_SCRIPTS = {
+    "softplus": ("img",), "elu": ("img", "toy"), "swish": ("img", "toy"), "lcube": ("img", "toy"), "identity": ("img",),
+    "relu": ("img", "toy"), "tanh": ("toy",), "selu": ("toy",), "fullsort": ("toy",), "maxmin": ("toy",),
+    "clipswish": ("img",), "leakylswish": ("img",),
+}
+
+
+def activation_choices(script: str) -> Tuple[str, ...]:
+    """The ``--act`` choices of ``train_img.py`` (``"img"``) or ``train_toy.py`` (``"toy"``), in the order of
+    ``ACTIVATIONS``."""
+    return tuple(name for name in ACTIVATIONS if script in ACTIVATION_SCRIPTS.get(name, ()))
+
 
 # The i-DenseNets fork's spellings of `--act` values.
 ACTIVATION_ALIASES = {"CLipSwish": "clipswish", "LeakyLSwish": "leakylswish"}

@@ -7,13 +7,14 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..config import format_vnorms, parse_int_tuple, parse_vnorms
 from ..flags import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag, rules_of
+from ..layers.activations import activation_choices
 from ..layers.power import TOY_TOLERANCE
 from .data import DATASETS
 
 __all__ = ["ToyConfig", "TOY_ACTIVATIONS", "TOY_RULES"]
 
-# The paper's toy `--act` choices (all in resflows.layers.ACTIVATIONS).
-TOY_ACTIVATIONS = ("relu", "tanh", "elu", "selu", "fullsort", "maxmin", "swish", "lcube")
+# The paper's toy `--act` choices (resflows.layers.activations.ACTIVATION_SCRIPTS).
+TOY_ACTIVATIONS = activation_choices("toy")
 
 
 @dataclass

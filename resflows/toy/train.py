@@ -19,7 +19,7 @@ from ..checkpoint import CheckpointError, atomic_save
 from ..layers.lipschitz import norm_order_gradients
 from ..layers.power import TOY_VALIDATION_ITERATIONS
 from ..losses import standard_normal_logprob
-from ..runlog import MAX_NONFINITE_STEPS, TrainingError, progress
+from ..runlog import progress, skipped_nonfinite_step
 from .config import ToyConfig
 from .data import data_rng, sample, sample_tensor
 from .model import ToyFlow, build_toy_model
@@ -104,11 +104,8 @@ class ToyTrainer:
         finite = bool(torch.stack([torch.isfinite(out["loss"])] + [torch.isfinite(g).all() for g in grads]).all())
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            logger.warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", self.itr, self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                raise TrainingError(f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row (iteration {self.itr}); "
-                                    f"try a lower --lr or a smaller --coeff")
+            self.nonfinite_in_a_row = skipped_nonfinite_step(self.nonfinite_in_a_row, self.itr,
+                                                             "try a lower --lr or a smaller --coeff")
             return None
         self.nonfinite_in_a_row = 0
         if self.cfg.learn_p:
