@@ -24,7 +24,7 @@ from resflows import evaluation
 from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
 from resflows.cli import merge_resume_config, parse_args
 from resflows.config import ConfigError, ModelConfig, TrainConfig
-from resflows.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
+from resflows.distributed import DistInfo, barrier, cleanup_distributed, rank_seed, setup_distributed
 from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
 from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
@@ -81,8 +81,9 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
                  2**cfg.nbits, math.log2(2**cfg.nbits / (2**cfg.nbits - 1)))
 
     model = ResidualFlow(model_config_from(cfg))
-    torch.manual_seed(cfg.seed + dist.rank)  # then per-rank streams for probes and truncation draws
-    random.seed(cfg.seed + dist.rank)
+    seed = rank_seed(cfg.seed, dist.rank, dist.world_size)  # then per-rank streams for probes and truncation draws
+    torch.manual_seed(seed)
+    random.seed(seed)
     log.info("model: %d parameters, latent dim %d", sum(p.numel() for p in model.parameters()), model.latent_dim)
     if cfg.evaluate or cfg.sample:
         _evaluate_or_sample(cfg, dist, model, ckpt, save_dir)

@@ -15,6 +15,7 @@ from torch.utils.data import DistributedSampler, Sampler
 
 __all__ = [
     "DistInfo",
+    "rank_seed",
     "setup_distributed",
     "cleanup_distributed",
     "is_distributed",
@@ -25,6 +26,14 @@ __all__ = [
     "ResumableDistributedSampler",
     "ShardSampler",
 ]
+
+
+def rank_seed(seed: int, rank: int, world_size: int) -> int:
+    """The seed of rank ``rank``'s own random streams (Hutchinson probes, series lengths) in a run of
+    ``world_size`` processes: ``seed * world_size + rank``. Two (seed, rank) pairs of runs with the same number
+    of processes never share a stream (``seed + rank`` made seed 0 on rank 1 draw what seed 1 draws on rank 0);
+    a single process keeps ``seed``."""
+    return seed * world_size + rank
 
 
 @dataclass

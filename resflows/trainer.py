@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed, rank_seed
 from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
@@ -40,8 +40,9 @@ logger = logging.getLogger("resflows")
 
 KEEP_BEST = 5  # checkpt-EPOCH.pth files kept: the lowest test bits/dim
 GRAD_CLIP_NORM = 1.0  # gradient norm clipped to, as the paper's train_img.py (hard-coded there too)
-# Re-seeding when a checkpoint's random streams do not fit the number of ranks: seed + rank + RESEED_STRIDE *
-# (step + 1), a prime stride, so that the streams of different steps and ranks do not coincide.
+# Re-seeding when a checkpoint's random streams do not fit the number of ranks: each rank takes the stream
+# that seed + RESEED_STRIDE * (step + 1) gives it (resflows.distributed.rank_seed), a prime stride, so that the
+# streams of different steps and ranks do not coincide.
 RESEED_STRIDE = 7919
 VIS_SEED_OFFSET = 12345  # the fixed latents of the visualisation grid: a stream apart from training's
 VIS_IMAGES = 8  # images per row of the visualisation grid (real, samples, reconstructions)
@@ -223,7 +224,8 @@ class Trainer:
                 rng = None  # one saved stream would make every rank draw the same probes and series lengths
             if rng is None:
                 logger.info("the checkpoint's random streams do not fit %d rank(s): re-seeding per rank", self.dist.world_size)
-                torch.manual_seed((self.cfg.seed or 0) + self.dist.rank + RESEED_STRIDE * (self.step + 1))
+                torch.manual_seed(rank_seed((self.cfg.seed or 0) + RESEED_STRIDE * (self.step + 1), self.dist.rank,
+                                            self.dist.world_size))
             else:
                 try:
                     set_rng_state(rng)

@@ -42,6 +42,30 @@ def test_ranks_hold_bitwise_identical_state(tmp_path):
             assert torch.equal(r0[part][k], r1[part][k]), (part, k)
 
 
+def test_rank_seeds_never_collide_and_one_process_keeps_its_seed():
+    """rank r of W processes seeds its streams with seed * W + r: no two (seed, rank) pairs share a stream at
+    any world size (seed + r made seed 0 on rank 1 draw what seed 1 draws on rank 0), and W = 1 is the seed."""
+    from resflows.distributed import rank_seed
+
+    for world in (1, 2, 3, 8):
+        seeds = [rank_seed(s, r, world) for s in range(40) for r in range(world)]
+        assert len(set(seeds)) == len(seeds)
+    assert [rank_seed(s, 0, 1) for s in range(5)] == list(range(5))
+    assert rank_seed(0, 1, 2) != rank_seed(1, 0, 2)
+
+
+def test_train_img_seeds_each_rank_by_rank_seed(tmp_path):
+    """The seed each rank's streams start from in train_img.py: seed * 2 + rank under torchrun, the seed
+    itself in one process (the streams of single-process runs are unchanged)."""
+    args = TINY + ["--batchsize", "40", "--max-iters", "1"]
+    proc = torchrun([WORKER, "state", tmp_path, "--"] + args + ["--save", tmp_path / "two"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["rank_seed"] for r in (0, 1)] == [6, 7]  # --seed 3
+    proc = single([WORKER, "state", tmp_path, "--"] + args + ["--save", tmp_path / "one"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "rank0.pt", weights_only=True)["rank_seed"] == 3
+
+
 @pytest.mark.slow
 def test_two_processes_make_the_same_update_as_one(tmp_path):
     """One step with global batch 2B on 2 ranks == one step with batch 2B on 1 process: truncated series,

@@ -45,7 +45,11 @@ def main():
     argv = sys.argv[sys.argv.index("--") + 1:]
     rank = int(os.environ.get("RANK", 0))
 
+    seeds = {}
+
     def hook(stage, trainer):
+        if stage == "ready":
+            seeds["rank_seed"] = torch.initial_seed()  # the seed of this rank's own streams
         if stage == "ready" and mode == "equiv":
             fix_probes_per_image(trainer.model)
         if stage == "ready" and mode == "fail" and rank == 1:
@@ -58,7 +62,7 @@ def main():
 
             trainer.optimize = failing
         if stage == "done":
-            torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "step": trainer.step},
+            torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "step": trainer.step, **seeds},
                        os.path.join(out, f"rank{rank}.pt"))
 
     # Like train_img.main, without catching errors: a failure must surface.
