@@ -16,6 +16,10 @@ class MovingBatchNormNd(nn.Module):
     map is a per-channel shift: 1-Lipschitz, invertible, log-det 0, and examples never interact.
     The running mean is updated after use with ``running_mean -= decay * (running_mean - batch_mean)``.
     ``eps`` is accepted for the paper's signature and unused (a shift divides by nothing).
+
+    A branch module, not a flow layer: ``forward`` returns the tensor alone (it sits inside residual and
+    coupling branches) and :meth:`invert` is its inverse map. Between flow layers it is
+    ``resflows.toy.model.MovingBatchNormFlow1d``, which keeps the flow-layer contract.
     """
 
     shape = (1, -1)
@@ -45,8 +49,8 @@ class MovingBatchNormNd(nn.Module):
             y = y + self.bias.view(*self.shape)
         return y
 
-    def inverse(self, y: Tensor) -> Tensor:
-        """Inverse of the evaluation-mode map."""
+    def invert(self, y: Tensor) -> Tensor:
+        """Inverse of the evaluation-mode map (the tensor alone, as ``forward``)."""
         if self.bias is not None:
             y = y - self.bias.view(*self.shape)
         return y + self.running_mean.view(*self.shape)

@@ -18,7 +18,7 @@ from ..layers import (
     iResBlock,
     make_activation,
 )
-from ..layers.base import zeros_logdet
+from ..layers.base import FlowLayer, zeros_logdet
 from ..layers.power import TOY_TOLERANCE
 from ..layers.upkeep import FlowUpkeep
 from .config import ToyConfig
@@ -26,21 +26,21 @@ from .config import ToyConfig
 __all__ = ["ToyFlow", "MovingBatchNormFlow1d", "build_toy_model", "residual_net", "coupling_net"]
 
 
-class MovingBatchNormFlow1d(MovingBatchNorm1d):
+class MovingBatchNormFlow1d(FlowLayer, MovingBatchNorm1d):
     """The mean-only moving batch norm as a flow layer between blocks (``--batchnorm``, as the paper's toy):
-    a shift by the running mean, so its log-det is 0."""
+    a shift by the running mean, so its log-det is 0. Same state_dict keys as ``MovingBatchNorm1d``."""
 
-    def forward(self, x):  # type: ignore[override]
-        return super().forward(x), zeros_logdet(x)
+    def forward(self, x):
+        return MovingBatchNorm1d.forward(self, x), zeros_logdet(x)
 
-    def inverse(self, y):  # type: ignore[override]
-        return super().inverse(y), zeros_logdet(y)
+    def inverse(self, y):
+        return MovingBatchNorm1d.invert(self, y), zeros_logdet(y)
 
     def transform(self, x):
-        return super().forward(x)
+        return MovingBatchNorm1d.forward(self, x)
 
     def invert(self, y):
-        return super().inverse(y)
+        return MovingBatchNorm1d.invert(self, y)
 
 
 class ToyFlow(FlowUpkeep, SequentialFlow):

@@ -125,7 +125,7 @@ def test_moving_batchnorm_running_mean_shift(cls, shape):
     assert float(bn.step) == 1
     bn.eval()
     y = bn(x)
-    assert torch.allclose(bn.inverse(y), x)
+    assert torch.allclose(bn.invert(y), x)  # a branch module: the inverse map alone, no log-det
     # A shift: the Jacobian is the identity (1-Lipschitz, log-det 0).
     jac = per_example_jacobian(bn, x[:1])[0]
     assert torch.allclose(jac, torch.eye(x[0].numel(), dtype=D64))

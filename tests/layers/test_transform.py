@@ -1,5 +1,10 @@
-"""Every flow layer's ``transform(x)`` (the log-det-free path used by sampling and the classifier) equals
-``forward(x)[0]``, in training and evaluation mode, for layers with non-initial parameters (float64)."""
+"""The flow-layer checks, driven from one table of cases (``CASES``: one per flow layer in resflows, and a
+layer without a case fails ``test_every_flow_layer_has_a_case``), with non-initial parameters in float64:
+
+* the contract: ``forward(x) -> (y, log|det dy/dx|[B])``, ``inverse(y) -> (x, log|det dx/dy|[B])`` round trips,
+  the two log-dets cancel and equal ``slogdet`` of the autograd Jacobian (residual blocks with exact log-dets);
+* ``transform(x)`` (the log-det-free path used by sampling and the classifier) equals ``forward(x)[0]``, in
+  training and evaluation mode."""
 import copy
 import functools
 
@@ -29,7 +34,11 @@ from resflows.layers import (
 )
 from resflows.layers.base import FlowLayer
 from resflows.layers.fc import FCWrapper
-from resflows.toy.model import ToyFlow
+from resflows.layers.jacobian import jacobian_logdet
+from resflows.layers.lipschitz import lipschitz_layers, update_lipschitz
+from resflows.layers.normalization import MovingBatchNormNd
+from resflows.toy.model import MovingBatchNormFlow1d, ToyFlow
+from tests.flowcheck import check_flow_layer
 
 D64 = torch.float64
 
@@ -43,7 +52,7 @@ def _perturbed(layer: nn.Module) -> nn.Module:
         for m in layer.modules():
             if hasattr(m, "initialized"):
                 m.initialized.fill_(1)  # ActNorm: use the perturbed parameters, no data-dependent init
-            if isinstance(m, MovingBatchNorm2d):
+            if isinstance(m, MovingBatchNormNd):
                 m.running_mean.normal_(generator=g)
     return layer
 
@@ -75,6 +84,7 @@ CASES = {
     FCWrapper: lambda: (FCWrapper(_resblock(fc=True)), (3, 1, 2, 2)),
     SequentialFlow: lambda: (SequentialFlow([ActNorm2d(2), _resblock(fc=False), InvertibleConv2d(2), SqueezeLayer(2)]), X_IMG),
     ToyFlow: lambda: (ToyFlow([_resblock(fc=True), ActNorm1d(4)]), (3, 4)),
+    MovingBatchNormFlow1d: lambda: (MovingBatchNormFlow1d(4), (3, 4)),
 }
 @functools.lru_cache(maxsize=None)
 def _case(cls):
@@ -100,6 +110,25 @@ def _all_subclasses(cls):
 def test_every_flow_layer_has_a_case():
     missing = {c for c in _all_subclasses(FlowLayer) if c.__name__ not in NOT_FLOWS and c.__module__.startswith("resflows")}
     assert missing <= set(CASES), f"add to CASES: {sorted(c.__name__ for c in missing - set(CASES))}"
+
+
+@pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.__name__)
+def test_flow_layer_contract(cls):
+    """Round trip, cancelling log-dets, and log-dets equal to slogdet of the Jacobian, in evaluation mode
+    (residual blocks with their exact log-det, so that the comparison is exact)."""
+    layer, shape = _built(cls)
+    layer = _perturbed(layer).eval()
+    # The perturbed weights need their operator norms re-estimated, or a block may not be contractive.
+    update_lipschitz(lipschitz_layers(layer), n_iterations=10)
+    for m in layer.modules():
+        if isinstance(m, iResBlock):
+            m.brute_force = True
+            m.inverse_atol, m.inverse_rtol = 1e-22, 0.0  # squared steps below 1e-22: x to ~1e-10
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=D64) * 0.8 + 0.1
+    with torch.no_grad():  # brute-force log-dets without a graph
+        _, logdet = check_flow_layer(layer, x, rtol=1e-8, inv_atol=1e-9, check_jacobian=False)
+    _, exact = jacobian_logdet(layer.transform, x)  # transform: no second Jacobian inside the one taken here
+    torch.testing.assert_close(logdet, exact, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
