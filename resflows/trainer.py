@@ -25,7 +25,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed, rank_seed
-from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
+from .evaluation import evaluate, image_shape, prepare_for_eval
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .loaders import RunData, build_data
@@ -101,6 +101,10 @@ class Trainer:
             # theirs from identical weights, so DDP must not wait for them.
             orders = [f"model.{n}" for n, p in self.model.named_parameters() if n.endswith(("domain", "codomain"))]
             if orders:
+                # A private torch API (torch has no public way to exclude parameters from DDP): it marks the names
+                # that DDP's constructor then leaves out of its gradient buckets. If torch renames or drops it,
+                # --learn-p under torchrun fails at wrapping (AttributeError) or hangs waiting for these
+                # gradients; tests/test_private_torch.py fails first.
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, orders)
             ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
@@ -164,7 +168,6 @@ class Trainer:
     def save(self, best_score: Optional[float] = None, tag: Optional[int] = None) -> None:
         """``models/most_recent.pth`` always; ``models/checkpt-EPOCH.pth`` kept for the 5 best test bpd
         (lowest score; accuracy enters as -accuracy for the classification task)."""
-        best_bpd = best_score
         state = self.state()  # collective under torchrun: every rank takes part
         # Checked on every rank (the weights are identical), so all of them stop together; save_checkpoint
         # checks again for any other caller.
@@ -178,10 +181,10 @@ class Trainer:
         if self.dist.is_main:
             models = os.path.join(self.save_dir, "models")
             save_checkpoint(os.path.join(models, "most_recent.pth"), state)
-            if best_bpd is not None and math.isfinite(best_bpd):
+            if best_score is not None and math.isfinite(best_score):
                 path = os.path.join(models, f"checkpt-{tag:04d}.pth")
-                cand = sorted(self.best + [(best_bpd, tag, path)])
-                if (best_bpd, tag, path) in cand[:KEEP_BEST]:
+                cand = sorted(self.best + [(best_score, tag, path)])
+                if (best_score, tag, path) in cand[:KEEP_BEST]:
                     state["best"] = [list(b) for b in cand[:KEEP_BEST]]
                     state["best_test_bpd"] = cand[0][0]
                     save_checkpoint(path, state)
@@ -415,13 +418,10 @@ class Trainer:
         model's u/v are left untouched (the paper leaked the EMA's into them)."""
         return prepare_for_eval(self.ema.model if self.cfg.ema_val else self.model)
 
-    def validate(self, model: Optional[ResidualFlow] = None, tight: bool = False, label: Optional[int] = None) -> Dict[str, Any]:
-        """Test bits/dim (mean, standard error, count) over every test image exactly once; accuracy for
-        classification / hybrid (:func:`resflows.evaluation.evaluate`)."""
-        model = model or self.eval_model()
-        if tight:
-            tighten_lipschitz(model)
-        return evaluate(model, self.test_loader, self.cfg, self.device, self.dist.is_main, label)
+    def validate(self, label: Optional[int] = None) -> Dict[str, Any]:
+        """Test bits/dim (mean, standard error, count) of :meth:`eval_model` over every test image exactly once;
+        accuracy for classification / hybrid (:func:`resflows.evaluation.evaluate`)."""
+        return evaluate(self.eval_model(), self.test_loader, self.cfg, self.device, self.dist.is_main, label)
 
     @torch.no_grad()
     def visualize(self) -> None:

@@ -135,6 +135,9 @@ def _will_run(ctx, i: int) -> bool:
     if not ctx.needs_input_grad[i]:
         return False
     node = ctx.next_functions[i][0]
+    # A private torch API, the only way to ask inside a backward which inputs the current autograd.grad call
+    # needs. Without it (renamed or dropped by torch) the beta gradient is computed in every series term:
+    # results unchanged, the toy trainer's products slower. tests/test_private_torch.py fails loudly then.
     try:
         return node is None or bool(torch._C._will_engine_execute_node(node))
     except (AttributeError, RuntimeError):

@@ -1,6 +1,6 @@
 """Maintenance methods shared by the whole-flow models (``ResidualFlow``, ``ToyFlow``): the model owns
 its upkeep (power iterations after each optimiser step, Lipschitz and norm-order reports, estimator
-moments, inverse settings, i-DenseNet concatenation weights) instead of scripts scanning its modules."""
+moments, the inverse method, i-DenseNet concatenation weights) instead of scripts scanning its modules."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -61,13 +61,6 @@ class FlowUpkeep(nn.Module):
             raise ValueError(f"inverse method must be 'fixed-point' or 'anderson', got {method!r}")
         for block in self.iresblocks():
             block.inverse_method = method
-
-    def set_inverse_tolerance(self, atol: float, rtol: float, max_iters: Optional[int] = None) -> None:
-        """Stopping rule of every residual block's fixed-point inverse."""
-        for b in self.iresblocks():
-            b.inverse_atol, b.inverse_rtol = atol, rtol
-            if max_iters is not None:
-                b.inverse_max_iters = max_iters
 
     def reset_concatenation(self) -> None:
         """Put every dense layer's concatenation weights K back to their initial value (i-DenseNets

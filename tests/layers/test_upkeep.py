@@ -39,8 +39,6 @@ def test_upkeep_methods():
     assert flow[0].inverse_method == "anderson"
     with pytest.raises(ValueError, match="inverse method"):
         flow.set_inverse_method("newton")
-    flow.set_inverse_tolerance(1e-9, 1e-9, max_iters=7)
-    assert (flow[0].inverse_atol, flow[0].inverse_rtol, flow[0].inverse_max_iters) == (1e-9, 1e-9, 7)
     assert flow.concatenation_weights() == {}
 
 

@@ -50,7 +50,8 @@ def test_eval_logdet_is_exact(extra):
 @pytest.mark.parametrize("extra", [{}, {"actnorm": True, "batchnorm": True, "act": "lcube"}, {"arch": "realnvp", "actnorm": True}])
 def test_samples_map_back_to_their_latent_codes(extra):
     model = trained_ish(ToyConfig(**{**SMALL, **extra}))
-    model.set_inverse_tolerance(1e-20, 1e-20, max_iters=5000)  # |dx|^2 < tol: dx < 1e-10
+    for block in model.iresblocks():  # |dx|^2 < tol: dx < 1e-10
+        block.inverse_atol, block.inverse_rtol, block.inverse_max_iters = 1e-20, 1e-20, 5000
     z = torch.randn(200, 2, dtype=torch.float64)
     with torch.no_grad():
         x = model.invert(z)
