@@ -18,11 +18,11 @@ def tune_cpu_runtime() -> bool:
 
     PyTorch's CPU allocator hands every tensor straight to malloc. With glibc's defaults, buffers of a few
     MB are mmap-ed and unmapped on every allocation, so each element-wise op of a training step pays
-    thousands of page faults (measured: a 3.2M-element multiply took 7.7 ms instead of 0.7 ms). A fixed
-    mmap threshold of 32 MB and no trimming let freed buffers be reused; peak RSS is unchanged in our
-    benchmarks because the live memory of a step is the same. Returns whether glibc accepted the settings.
+    thousands of page faults. A fixed mmap threshold of 32 MB and no trimming let freed buffers be reused;
+    the live memory of a step is the same. What this and the denormal flushing gained is measured in
+    benchmarks/README.md ("Page faults", "Denormals"). Returns whether glibc accepted the settings.
     """
-    torch.set_flush_denormal(True)  # denormals made the paper's EMA validation ~3x slower on CPU
+    torch.set_flush_denormal(True)  # float32 denormals are slow on CPUs (the EMA validation: benchmarks/README.md)
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -126,7 +126,7 @@ def lipswish_dual(m: "LipSwish", x: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
 # Where a branch runs through autograd (the toy trainer's backpropagation through the power series,
 # --neumann-grad False, exact Jacobians), each series term w^T J is a create_graph backward of the branch
 # and the loss differentiates those products again. Through the generic element-wise ops each LipSwish
-# costs ~20 small kernels per term (benchmarks/README.md); here a term's product is one multiplication and
+# costs many small kernels per term (measured in benchmarks/README.md); here a term's product is one multiplication and
 # the second-order backward one fused pass. Higher derivatives still work (plain torch ops throughout).
 def _will_run(ctx, i: int) -> bool:
     """Whether this backward needs the gradient of input ``i``: ``needs_input_grad`` is fixed at the forward
