@@ -21,7 +21,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from resflows import evaluation
-from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
+from resflows.atomic import write_json
+from resflows.checkpoint import read_checkpoint
+from resflows.checkpoint_checks import check_weights_fit
 from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
 from resflows.config import ConfigError, ModelConfig, TrainConfig
 from resflows.distributed import DistInfo, barrier, cleanup_distributed, setup_distributed
@@ -29,6 +31,7 @@ from resflows.entry import SaveLock, remove_leftovers, run_entry_point
 from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
 from resflows.loaders import build_data
+from resflows.loading import load_weights
 from resflows.model import ResidualFlow
 from resflows.runlog import TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import tune_cpu_runtime

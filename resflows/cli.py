@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence, Set, Tuple
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, validate_config
 from .flags import OneLineArgumentParser, add_flags, names_where, option
 
 __all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "RUN_FLAGS", "merge_resume_config",
@@ -75,12 +75,6 @@ def _check_run_flags(cfg: TrainConfig, explicit: Set[str]) -> None:
     for flag in ("temp", "nrow"):
         if flag in explicit and not cfg.sample:
             raise ConfigError(f"--{flag} only applies when sampling: add --sample N (with --resume CKPT)")
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """The rules the command line enforces (types, ranges, choices), for any TrainConfig: parsed from
-    flags, or read from a checkpoint. Raises ConfigError with a one-line message naming the flag."""
-    cfg.validate()
 
 
 def check_device(device: str) -> None:

@@ -137,7 +137,7 @@ def remove_leftovers(folders: Iterable[str], keep_checkpoints: Optional[Iterable
     """Delete what a run killed between two writes left behind, under the ``--save`` lock: the hidden
     temporary files of interrupted saves, and (when ``keep_checkpoints`` is given: the names the resumed
     checkpoint lists as its best) any ``pattern`` checkpoint beyond those."""
-    from .checkpoint import TMP_PREFIX
+    from .atomic import TMP_PREFIX
 
     keep = None if keep_checkpoints is None else {os.path.basename(p) for p in keep_checkpoints}
     for folder in folders:

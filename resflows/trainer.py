@@ -22,13 +22,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
 from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .loaders import RunData, build_data
+from .loading import load_weights
 from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
