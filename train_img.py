@@ -62,6 +62,10 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
             check_weights_fit(cfg.resume, ckpt, model_config_from(cfg))  # before allocating the model
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(2**31)
+    training = not (cfg.evaluate or cfg.sample)
+    # Every check of the flags, the checkpoint and the data runs before the --save folder is touched: a refused
+    # run leaves it as it was (no logs, no lock file, no clean-up).
+    data = build_data(cfg, dist, train=True) if training else None
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
     # Full float32 unless --tf32: torch runs float32 convolutions in TF32 on recent GPUs by default, and the
     # paper's runs were full float32 (bits/dim and the power iterations move with TF32).
@@ -70,7 +74,6 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
     save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
-    training = not (cfg.evaluate or cfg.sample)
     if training and dist.is_main:  # evaluating or sampling never touches models/: no lock needed
         held.enter_context(SaveLock(save_dir))
     log = setup_logger(save_dir, dist.is_main)
@@ -91,13 +94,13 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
         _evaluate_or_sample(cfg, dist, model, ckpt, save_dir)
         return 0
 
-    trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume)
+    trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume, data=data)
     if ckpt is not None:
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, trainer.epoch, trainer.step)
-        same_folder = _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models"))
-        if dist.is_main and ckpt.get("format") == "resflows" and same_folder:
+        if dist.is_main and ckpt.get("format") == "resflows" and trainer.best_are_here:
             # Only the checkpoints the resumed state lists as its best belong to this run (a run killed between
-            # writing a new best and deleting the one it displaced leaves one too many).
+            # writing a new best and deleting the one it displaced leaves one too many); a checkpoint read from
+            # another folder never causes a deletion.
             remove_leftovers([os.path.join(save_dir, "models")], [b[2] for b in trainer.best])
         done = trainer.finished()
         if done:
@@ -145,13 +148,6 @@ def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, c
                    "seed": cfg.seed, "dequant": cfg.dequant}
             write_json(os.path.join(save_dir, "eval.json"), out)
             print(f"wrote {os.path.join(save_dir, 'eval.json')}")
-
-
-def _same_folder(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a or ".", b)
-    except OSError:
-        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

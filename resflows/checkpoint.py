@@ -25,7 +25,7 @@ import torch
 
 from .atomic import TMP_PREFIX, atomic_write, write_json
 from .config import ConfigError, TrainConfig
-from .legacy import NotACheckpointError, load_paper_checkpoint
+from .legacy import NotACheckpointError, check_structure, check_zip_archive, load_paper_checkpoint
 
 __all__ = [
     "FORMAT_VERSION",
@@ -133,7 +133,9 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read our format or the paper's, returning our layout (``format`` says which it was).
 
-    Raises :class:`CheckpointError` with a one-line message for a missing, truncated or foreign file.
+    Raises :class:`CheckpointError` with a one-line message for a missing, truncated, damaged (a zip entry
+    whose CRC-32 does not match), crafted or foreign file. A zip archive's declared sizes are checked before
+    anything is unpacked, and what the file holds (structure, types, ranges) before any of it is used.
     """
     from .checkpoint_checks import validated
 
@@ -145,10 +147,18 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path}: the file is empty")
     if zipfile.is_zipfile(path):
         try:
+            check_zip_archive(path)
+        except NotACheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception:  # noqa: BLE001 - not loadable safely: maybe the paper's pickled format
             obj = None
         if isinstance(obj, dict) and obj.get("format") == "resflows":
+            try:
+                check_structure(obj)
+            except NotACheckpointError as e:
+                raise CheckpointError(f"{path}: damaged or crafted checkpoint: {e}") from None
             if obj.get("format_version", 0) > FORMAT_VERSION:
                 raise CheckpointError(f"{path}: written by a newer resflows (format {obj['format_version']}); upgrade resflows")
             for key in ("config", "model_config", "model"):
@@ -156,7 +166,10 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                     raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
             if isinstance(obj["config"], dict) and obj["config"].get("imagesize", 0) is None:
                 # Written when a missing --imagesize meant the native size (28 for mnist), now 32: keep its size.
-                obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
+                try:
+                    obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
+                except (TypeError, ValueError, KeyError, IndexError):
+                    raise CheckpointError(f"{path}: damaged checkpoint (its model_config has no usable input_size)") from None
             return validated(path, obj)
         if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
             raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")
@@ -165,7 +178,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     elif not _looks_like_legacy_torch(path):
         raise CheckpointError(f"{path}: not a checkpoint (neither a torch zip archive nor a legacy torch file; truncated?)")
     try:
-        paper = load_paper_checkpoint(path)
+        paper = load_paper_checkpoint(path, verify=False)  # the zip archive was checked above
     except NotACheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     try:
@@ -173,7 +186,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         from .factory import model_config_from
 
         model_config = model_config_from(config)
-    except (ConfigError, ValueError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{path}: its saved flags do not describe a model we can build ({e})") from None
     sd = {k: _to(v, map_location) for k, v in paper["state_dict"].items()}
     ema = None

@@ -4,6 +4,8 @@ that fit the stored architecture (compared on the ``meta`` device). A crafted or
 (:class:`resflows.checkpoint.CheckpointError`)."""
 from __future__ import annotations
 
+import math
+import random
 from typing import Any, Dict
 
 import torch
@@ -14,6 +16,9 @@ from .config import ConfigError, ModelConfig, TrainConfig, validate_config
 __all__ = ["validated", "check_weights_fit"]
 
 _COUNTERS = ("epoch", "batch_in_epoch", "itr", "step", "world_size")
+# Far beyond any run (10^12 steps), and small enough that seeds derived from a counter stay within 64 bits.
+MAX_COUNTER = 10**12
+MAX_BEST = 100  # entries in the list of best checkpoints (a run keeps 5)
 
 
 def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
@@ -23,6 +28,9 @@ def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
     for key in ("config", "model_config"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} is a {type(ckpt.get(key)).__name__}, not a dict of settings)")
+        odd = [k for k in ckpt[key] if not isinstance(k, str)]
+        if odd:
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} has a key that is not a setting name: {odd[0]!r})")
     try:
         config = TrainConfig.from_dict(ckpt["config"])
         validate_config(config)
@@ -32,13 +40,24 @@ def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
     ckpt = dict(ckpt, config=config.to_dict(), model_config=model_config.to_dict())
     for key in _COUNTERS:
         v = ckpt.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise CheckpointError(f"{path}: damaged checkpoint (its {key} counter is {v!r}, not a non-negative integer)")
+        if v is not None and (not _is_int(v) or not 0 <= v <= MAX_COUNTER or (key == "world_size" and v == 0)):
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key} counter is {_show(v)}, not an integer in "
+                                  f"[{int(key == 'world_size')}, 10^12])")
     best = ckpt.get("best") or []
-    if not isinstance(best, (list, tuple)) or not all(
-            isinstance(b, (list, tuple)) and len(b) == 3 and isinstance(b[0], (int, float)) and isinstance(b[1], int)
-            and isinstance(b[2], str) for b in best):
+    if not isinstance(best, (list, tuple)) or len(best) > MAX_BEST or not all(
+            isinstance(b, (list, tuple)) and len(b) == 3 and _is_real(b[0]) and math.isfinite(b[0])
+            and _is_int(b[1]) and 0 <= b[1] <= MAX_COUNTER and isinstance(b[2], str) for b in best):
         raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints is malformed)")
+    for key in ("best_test_bpd", "last_test_bpd"):
+        v = ckpt.get(key)
+        if v is not None and not _is_real(v):
+            raise CheckpointError(f"{path}: damaged checkpoint (its {key} is {_show(v)}, not a number)")
+    if ckpt.get("best_test_bpd") is not None and not math.isfinite(ckpt["best_test_bpd"]):
+        raise CheckpointError(f"{path}: damaged checkpoint (its best_test_bpd is {ckpt['best_test_bpd']}, not finite)")
+    check_rng(path, ckpt.get("rng"))
+    check_optimizer(path, ckpt.get("optimizer"))
+    if ckpt.get("scheduler") is not None and not isinstance(ckpt["scheduler"], dict):
+        raise CheckpointError(f"{path}: damaged checkpoint (its scheduler state is a {type(ckpt['scheduler']).__name__}, not a dict)")
     for key in ("model", "ema"):
         sd = ckpt.get(key)
         if sd is None and key == "ema":
@@ -51,6 +70,70 @@ def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
                                  f"({len(bad)} tensor(s), first: {bad[0]}); use an earlier checkpoint")
     check_weights_fit(path, ckpt, model_config)
     return ckpt
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _show(v: Any) -> str:
+    text = repr(v) if not isinstance(v, int) or v.bit_length() <= 64 else f"an integer of {v.bit_length()} bits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_rng(path: str, rng: Any) -> None:
+    """The saved random streams (``{'torch', 'python', 'cuda'}``, or ``{'per_rank': [...]}`` from a
+    multi-process run) must be states the generators accept: each is tried on a private generator, so a
+    malformed one is refused while reading, before anything of the run is touched."""
+    if rng is None:
+        return
+    if not isinstance(rng, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint (its random-number state is a {type(rng).__name__}, not a dict)")
+    streams = rng.get("per_rank") if "per_rank" in rng else [rng]
+    if not isinstance(streams, (list, tuple)) or not 1 <= len(streams) <= 2**20:
+        raise CheckpointError(f"{path}: damaged checkpoint (its per-rank random-number states are not a list)")
+    for state in streams:
+        try:
+            _try_rng(state)
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
+            raise CheckpointError(f"{path}: damaged checkpoint (its random-number state cannot be restored: "
+                                  f"{type(e).__name__})") from None
+
+
+def _try_rng(state: Any) -> None:
+    if not isinstance(state, dict) or not set(state) <= {"torch", "python", "cuda"}:
+        raise TypeError("not a dict of torch, python and cuda states")
+    if "torch" in state:
+        t = state["torch"]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+            raise TypeError("torch state")
+        torch.Generator().set_state(t.cpu())
+    if "python" in state:
+        py = state["python"]
+        if not isinstance(py, (list, tuple)) or len(py) != 3 or not isinstance(py[1], (list, tuple)):
+            raise TypeError("python state")
+        random.Random().setstate((py[0], tuple(py[1]), py[2]))
+    cuda = state.get("cuda") or []
+    if not isinstance(cuda, (list, tuple)) or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 4096 for t in cuda):
+        raise TypeError("cuda states")
+
+
+def check_optimizer(path: str, opt: Any) -> None:
+    """An optimiser state is a dict whose tensors are all finite (a NaN in Adam's moments would make the
+    first step NaN); whether it fits the optimiser is decided when it is loaded (a misfit starts afresh)."""
+    if opt is None:
+        return
+    if not isinstance(opt, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint (its optimizer state is a {type(opt).__name__}, not a dict)")
+    bad = nonfinite_tensors(opt)
+    if bad:
+        raise NonFiniteError(f"{path}: its optimizer state holds NaN or infinite values ({len(bad)} tensor(s), "
+                             f"first: {bad[0]}); use an earlier checkpoint")
 
 
 def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig) -> None:
@@ -67,7 +150,8 @@ def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig
     try:
         with torch.device("meta"):
             reference = ResidualFlow(model_config).state_dict()
-    except (ConfigError, ValueError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
+        # RuntimeError: sizes whose storage would overflow 64 bits ("Storage size calculation overflowed")
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
     for what, weights in (("model", sd), ("EMA", ckpt.get("ema"))):
         if weights is None:

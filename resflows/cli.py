@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence, Set, Tuple
 
-from .config import ConfigError, TrainConfig, validate_config
+from .config import ConfigError, ModelConfig, TrainConfig, validate_config
 from .flags import OneLineArgumentParser, add_flags, names_where, option
 
 __all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "RUN_FLAGS", "merge_resume_config",
@@ -122,7 +122,11 @@ def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], check
     validate_config(merged)
     arch_saved = model_config_from(base).architecture()
     arch_new = model_config_from(merged).architecture()
-    if arch_saved != arch_new:
+    # Architecture flags that are not model settings (--data, --nbits, --task...) decide what the model sees
+    # (the logit transform's alpha, the levels): compared as they are.
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    data_flags = [k for k in ARCH_FLAGS if k in explicit and k not in model_fields and getattr(base, k) != getattr(merged, k)]
+    if arch_saved != arch_new or data_flags:
         typed = [k for k in ARCH_FLAGS if k in explicit and getattr(base, k) != getattr(merged, k)]
         options = {f.name: option(f) for f in dataclasses.fields(TrainConfig)}
         detail = ", ".join(f"{options[k]} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)

@@ -2,6 +2,7 @@
 with the architecture taken from the file (:func:`resflows.checkpoint.read_checkpoint`)."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 import torch
@@ -10,7 +11,7 @@ from .checkpoint import CheckpointError, read_checkpoint
 from .config import ConfigError, ModelConfig
 from .optim import EMA
 
-__all__ = ["load_model", "load_weights", "load_state"]
+__all__ = ["load_model", "load_weights", "load_state", "check_load_arguments"]
 
 
 def _build(path: str, ckpt: Dict[str, Any]):
@@ -50,7 +51,12 @@ def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
 
     With ``ema=True`` the exponential-moving-average weights are used and every normalised layer's
     power-iteration vectors are re-estimated to convergence for those weights.
+
+    Bad arguments raise ``ValueError`` naming the argument: ``path`` must be a file name (``str`` or
+    ``os.PathLike``), ``ema`` a bool, ``map_location`` a device that exists here (``"cpu"``, ``"cuda:0"``, a
+    ``torch.device``), a dict or a callable as for ``torch.load``, or None.
     """
+    path = check_load_arguments(path, ema, map_location)
     ckpt = read_checkpoint(path, map_location)
     model = _build(path, ckpt)
     if ema:
@@ -66,6 +72,33 @@ def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
 
         tighten_lipschitz(model)
     return model.eval()
+
+
+def check_load_arguments(path: Any, ema: Any, map_location: Any) -> str:
+    """``load_model``'s argument checks; returns ``path`` as a string."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ValueError(f"path must be a checkpoint file name (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a non-empty checkpoint file name")
+    if not isinstance(ema, bool):
+        raise ValueError(f"ema must be True or False, got {ema!r:.40}")
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return path
+    if not isinstance(map_location, (str, torch.device)):
+        raise ValueError(f"map_location must be a device such as 'cpu' or 'cuda:0', got {type(map_location).__name__}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"map_location must be a device such as 'cpu' or 'cuda:0', got {map_location!r:.40}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"map_location {map_location!r}: no CUDA GPU is available here; use 'cpu'")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"map_location {map_location!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"map_location must be 'cpu' or a CUDA device, got {map_location!r:.40}")
+    return path
 
 
 def load_weights(path: str, ckpt: Dict[str, Any], model: torch.nn.Module) -> EMA:

@@ -25,6 +25,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
+from .entry import best_checkpoint_name, remove_own_file
 from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
@@ -75,7 +76,9 @@ class Trainer:
         # run) does not repeat the warm-up. Our checkpoints restore their own counters.
         self.itr = self.epoch * self.batches_per_epoch
         self.step = self.itr // cfg.update_freq
-        self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
+        # (test bpd, epoch, file name in SAVE/models), best first: only files this run wrote in this folder
+        self.best: List[Tuple[float, int, str]] = []
+        self.best_are_here = False  # resumed from a checkpoint in SAVE/models: its best files are this run's
         self.last_test_bpd: Optional[float] = None
         self.stop_signal: Optional[str] = None  # set by resflows.runlog.stop_on_signals
         self.stop_now = False  # the stop decision every rank agreed on at the last step
@@ -179,16 +182,17 @@ class Trainer:
             models = os.path.join(self.save_dir, "models")
             save_checkpoint(os.path.join(models, "most_recent.pth"), state)
             if best_bpd is not None and math.isfinite(best_bpd):
-                path = os.path.join(models, f"checkpt-{tag:04d}.pth")
-                cand = sorted(self.best + [(best_bpd, tag, path)])
-                if (best_bpd, tag, path) in cand[:KEEP_BEST]:
+                name = best_checkpoint_name(tag)
+                cand = sorted(self.best + [(best_bpd, tag, name)])
+                if (best_bpd, tag, name) in cand[:KEEP_BEST]:
                     state["best"] = [list(b) for b in cand[:KEEP_BEST]]
                     state["best_test_bpd"] = cand[0][0]
-                    save_checkpoint(path, state)
+                    save_checkpoint(os.path.join(models, name), state)
                     save_checkpoint(os.path.join(models, "most_recent.pth"), state)
-                    for _, _, old in cand[KEEP_BEST:]:
-                        if os.path.exists(old) and old != path:
-                            os.remove(old)
+                    # The displaced entries: files this run wrote here, found by name (never by a stored path).
+                    for _, epoch, _ in cand[KEEP_BEST:]:
+                        if epoch != tag:
+                            remove_own_file(models, best_checkpoint_name(epoch))
                 self.best = cand[:KEEP_BEST]
         barrier()
 
@@ -215,7 +219,11 @@ class Trainer:
         if ckpt.get("format") == "resflows":
             self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
             self.itr, self.step = ckpt["itr"], ckpt.get("step", ckpt["itr"])
-            self.best = [tuple(b) for b in ckpt.get("best") or []]
+            # Its best files are this run's only when it was read from this run's folder (not another run's, not
+            # the original of a copied folder): then they are found here by name; otherwise none is ours.
+            here = _same_folder(os.path.dirname(os.path.abspath(path)), os.path.join(self.save_dir, "models"))
+            self.best = [(b[0], b[1], best_checkpoint_name(b[1])) for b in ckpt.get("best") or []] if here else []
+            self.best_are_here = here
             self.last_test_bpd = ckpt.get("last_test_bpd")
             rng = ckpt.get("rng") or {}
             if "per_rank" in rng:
@@ -452,3 +460,9 @@ class Trainer:
             self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
 
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
