@@ -35,7 +35,7 @@ from resflows.loading import load_weights
 from resflows.model import ResidualFlow
 from resflows.runlog import TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import tune_cpu_runtime
-from resflows.trainer import Trainer
+from resflows.trainer import Trainer, run_finished
 
 PROG = "train_img.py"
 
@@ -63,6 +63,11 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(2**31)
     training = not (cfg.evaluate or cfg.sample)
+    if training and ckpt is not None and ckpt.get("format") == "resflows":
+        done = run_finished(cfg, ckpt["epoch"], ckpt.get("step", ckpt["itr"]))
+        if done:  # before the folder is touched: nothing changes
+            print(f"{PROG}: {cfg.resume} {done}; nothing to do (raise --max-iters or --nepochs to train on)")
+            return 0
     # Every check of the flags, the checkpoint and the data runs before the --save folder is touched: a refused
     # run leaves it as it was (no logs, no lock file, no clean-up).
     data = build_data(cfg, dist, train=True) if training else None

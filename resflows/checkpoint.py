@@ -159,7 +159,10 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                 check_structure(obj)
             except NotACheckpointError as e:
                 raise CheckpointError(f"{path}: damaged or crafted checkpoint: {e}") from None
-            if obj.get("format_version", 0) > FORMAT_VERSION:
+            version = obj.get("format_version", 0)
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise CheckpointError(f"{path}: damaged checkpoint (its format_version is {version!r:.40}, not an integer)")
+            if version > FORMAT_VERSION:
                 raise CheckpointError(f"{path}: written by a newer resflows (format {obj['format_version']}); upgrade resflows")
             for key in ("config", "model_config", "model"):
                 if key not in obj:

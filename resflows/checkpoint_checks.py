@@ -38,6 +38,9 @@ def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
     except (ConfigError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{path}: its stored settings are invalid: {e}") from None
     ckpt = dict(ckpt, config=config.to_dict(), model_config=model_config.to_dict())
+    for key in ("epoch", "itr", "step", "batch_in_epoch") if ckpt.get("format") == "resflows" else ():
+        if ckpt.get(key) is None and (key in ckpt or key in ("epoch", "itr")):  # step, batch_in_epoch: newer fields
+            raise CheckpointError(f"{path}: damaged checkpoint (no {key} counter)")
     for key in _COUNTERS:
         v = ckpt.get(key)
         if v is not None and (not _is_int(v) or not 0 <= v <= MAX_COUNTER or (key == "world_size" and v == 0)):

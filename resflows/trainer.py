@@ -36,7 +36,7 @@ from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
 from .runlog import MAX_NONFINITE_STEPS, TrainingError, progress
 
-__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM"]
+__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM", "run_finished"]
 
 logger = logging.getLogger("resflows")
 
@@ -244,11 +244,7 @@ class Trainer:
 
     def finished(self) -> Optional[str]:
         """Why a resumed run has nothing left to train (None if it has)."""
-        if self.cfg.max_iters is not None and self.step >= self.cfg.max_iters:
-            return f"already reached --max-iters {self.cfg.max_iters} (step {self.step})"
-        if self.epoch >= self.cfg.nepochs:
-            return f"already finished --nepochs {self.cfg.nepochs}"
-        return None
+        return run_finished(self.cfg, self.epoch, self.step)
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -459,6 +455,15 @@ class Trainer:
         if self.writer:
             self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
+
+
+def run_finished(cfg: TrainConfig, epoch: int, step: int) -> Optional[str]:
+    """Why a run at ``epoch`` / ``step`` has nothing left to train under ``cfg`` (None if it has)."""
+    if cfg.max_iters is not None and step >= cfg.max_iters:
+        return f"already reached --max-iters {cfg.max_iters} (step {step})"
+    if epoch >= cfg.nepochs:
+        return f"already finished --nepochs {cfg.nepochs}"
+    return None
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -607,6 +607,12 @@ CKPT_CASES = [
          setup=_paper_pickle_with(args={1: 2, "data": "cifar10"})),
     Case("paper-args-200000-deep", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
          r"paper.pth: it is nested more than \d+ levels deep", gone=["eval"], setup=_paper_pickle_with(raw_args=_deep("list"))),
+    Case("format-version-string", EVAL_C, 1, r"c.pth: damaged checkpoint \(its format_version is 'x', not an integer\)",
+         gone=["eval"], setup=_edit_checkpoint("c.pth", lambda c: c.update(format_version="x"))),
+    Case("epoch-counter-none", RESUME_C, 1, r"c.pth: damaged checkpoint \(no epoch counter\)", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch=None))),
+    Case("resume-finished-run-changes-nothing", R + ["--max-iters", "2"], 0, None, unchanged=RUN_ALL + ("run/models/.tmp-*",),
+         setup=_tmp_leftover, stdout=r"already reached --max-iters 2 \(step 2\); nothing to do"),
     # 6b. a zip bomb is refused from its directory, before anything is inflated
     Case("zip-bomb", EVAL_C, 1, r"c.pth: its zip entries declare 100 MiB in a 0.\d\d MiB file \(a zip bomb\?\)", gone=["eval"],
          setup=_zip_bomb()),
@@ -617,3 +623,55 @@ CKPT_CASES = [
 def test_bad_checkpoint_input(case: Case, trained, tmp_path, monkeypatch, capsys):
     _outside_files(tmp_path)
     test_bad_input(case, trained, tmp_path, monkeypatch, capsys)
+
+
+def test_clean_up_removes_only_own_regular_files(tmp_path):
+    """remove_own_file / remove_leftovers: bare names of this run's scheme, regular files directly in the
+    folder, never through a symlink (a file's or the folder's), never a path."""
+    from resflows.entry import remove_leftovers, remove_own_file
+
+    _outside_files(tmp_path)
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    for name in ("checkpt-0001.pth", "checkpt-0002.pth", "checkpt-final.pth", "checkpt-12.pth", ".tmp-x.pth", "notes.txt"):
+        (models / name).write_text(name)
+    (models / "checkpt-0003.pth").symlink_to(tmp_path / "elsewhere" / "thesis.tex")
+    (models / "checkpt-0004.pth").mkdir()
+    linked = tmp_path / "run2" / "models"
+    linked.parent.mkdir()
+    linked.symlink_to(models, target_is_directory=True)
+    before = _digest((tmp_path / "elsewhere").glob("*"))
+    for bad in ("../../elsewhere/thesis.tex", str(tmp_path / "elsewhere" / "abs.txt"), "..", "", "checkpt-0003.pth",
+                "checkpt-0004.pth"):
+        assert remove_own_file(str(models), bad) is False, bad
+    assert remove_own_file(str(linked), "checkpt-0001.pth") is False  # through a symlinked folder
+    remove_leftovers([str(linked)], keep_checkpoints=[])  # nothing through a symlinked folder either
+    assert (models / "checkpt-0001.pth").exists() and (models / ".tmp-x.pth").exists()
+    remove_leftovers([str(models)], keep_checkpoints=["checkpt-0002.pth"])
+    assert sorted(os.listdir(models)) == sorted(["checkpt-0002.pth", "checkpt-0003.pth", "checkpt-0004.pth",
+                                                 "checkpt-final.pth", "checkpt-12.pth", "notes.txt"])
+    assert _digest((tmp_path / "elsewhere").glob("*")) == before
+
+
+def test_sigkill_between_a_new_best_and_deleting_the_one_it_displaced(trained, tmp_path):
+    """SIGKILL after a new best and most_recent.pth are written but before the displaced best file is removed:
+    resuming removes exactly that file (by name, in this folder) and trains on."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    models = run / "models"
+    entries = []
+    for e in range(1, 6):
+        shutil.copy(models / "most_recent.pth", models / f"checkpt-{e:04d}.pth")
+        entries.append((1e6 + e, e, f"checkpt-{e:04d}.pth"))
+    _edit_in_place(models / "most_recent.pth", _best_list(entries))
+    code = ("import os, signal, sys; import resflows.trainer as t; "
+            "t.remove_own_file = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+            "import train_img; sys.exit(train_img.main(sys.argv[1:]))")
+    argv = ["--resume", str(models / "most_recent.pth"), "--nworkers", "0"]
+    p = subprocess.run([sys.executable, "-c", code] + argv + ["--max-iters", "31"], capture_output=True, text=True,
+                       cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "RESFLOWS_OFFLINE": "1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (models / "checkpt-0000.pth").exists() and (models / "checkpt-0005.pth").exists()
+    assert sorted(b[1] for b in torch.load(models / "most_recent.pth", weights_only=True)["best"]) == [0, 1, 2, 3, 4]
+    assert train_img.main(argv + ["--max-iters", "32"]) == 0
+    assert sorted(n for n in os.listdir(models) if n.startswith("checkpt-")) == [f"checkpt-{e:04d}.pth" for e in range(5)]
