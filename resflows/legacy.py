@@ -247,8 +247,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class _Storages:
     """Storage records of both container formats; tensors are views into these flat buffers."""
 
-    def __init__(self, zip_reader: Optional["_ZipReader"] = None):
+    def __init__(self, zip_reader: Optional["_ZipReader"] = None, max_bytes: Optional[int] = None):
         self.zip = zip_reader
+        self.max_bytes = max_bytes  # legacy files: no storage can be larger than the file that holds it
         self.flat: Dict[str, torch.Tensor] = {}
 
     def resolve(self, pid):
@@ -267,6 +268,10 @@ class _Storages:
             if self.zip is not None:
                 self.flat[key] = self.zip.storage(key, storage_type.dtype, numel)
             else:  # legacy: filled in after the pickle, from the bytes that follow it
+                nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+                if numel < 0 or (self.max_bytes is not None and nbytes > self.max_bytes):
+                    raise NotACheckpointError(f"storage {key} claims {nbytes} bytes, more than the whole file holds; "
+                                              f"the file is damaged or crafted")
                 self.flat[key] = torch.zeros(numel, dtype=storage_type.dtype)
         flat = self.flat[key]
         if view is not None:
@@ -325,7 +330,7 @@ def read_paper_pickle(path: str, verify: bool = True) -> Any:
             if _load_plain(f) != _PROTOCOL_VERSION:
                 raise NotACheckpointError("unsupported torch serialisation protocol")
             _load_plain(f)  # sys info
-            storages = _Storages()
+            storages = _Storages(max_bytes=os.path.getsize(path))
             result = _RestrictedUnpickler(f, storages).load()
             keys = _load_plain(f)
             for key in keys:

@@ -530,6 +530,33 @@ def _paper_pickle_with(name: str = "paper.pth", raw_args: Optional[bytes] = None
     return setup
 
 
+def _legacy_storage_claiming(numel: int, name: str = "paper.pth"):
+    """A legacy-format paper pickle whose one weight's storage record claims ``numel`` floats (the file holds 40
+    bytes): the reader would allocate it before reading the bytes that follow the pickle."""
+    def setup(tmp, run, monkeypatch):
+        import collections
+        import io
+
+        marker = object()
+
+        class Weight:
+            def __reduce__(self):
+                return torch._utils._rebuild_tensor_v2, (marker, 0, (10,), (1,), False, collections.OrderedDict())
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is marker else None
+
+        buf = io.BytesIO()
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}):
+            pickle.dump(part, buf, protocol=2)
+        Pickler(buf, protocol=2).dump({"args": argparse.Namespace(data="cifar10"), "state_dict": {"w": Weight()}})
+        pickle.dump(["0"], buf, protocol=2)
+        buf.write(numel.to_bytes(8, "little") + bytes(40))
+        (tmp / name).write_bytes(buf.getvalue())
+    return setup
+
+
 def _bad_rng(rng):
     return lambda ckpt: ckpt.update(rng=rng)
 
@@ -613,6 +640,10 @@ CKPT_CASES = [
          setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch=None))),
     Case("resume-finished-run-changes-nothing", R + ["--max-iters", "2"], 0, None, unchanged=RUN_ALL + ("run/models/.tmp-*",),
          setup=_tmp_leftover, stdout=r"already reached --max-iters 2 \(step 2\); nothing to do"),
+    Case("paper-legacy-storage-claims-4-tb", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save",
+                                              "{tmp}/eval"], 1,
+         r"paper.pth: storage 0 claims 4000000000000 bytes, more than the whole file holds", gone=["eval"],
+         setup=_legacy_storage_claiming(10**12)),
     # 6b. a zip bomb is refused from its directory, before anything is inflated
     Case("zip-bomb", EVAL_C, 1, r"c.pth: its zip entries declare 100 MiB in a 0.\d\d MiB file \(a zip bomb\?\)", gone=["eval"],
          setup=_zip_bomb()),
