@@ -30,7 +30,7 @@ from resflows.distributed import DistInfo, barrier, cleanup_distributed, setup_d
 from resflows.entry import SaveLock, remove_leftovers, run_entry_point
 from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
-from resflows.loaders import build_data
+from resflows.loaders import RunData, build_data
 from resflows.loading import load_weights
 from resflows.model import ResidualFlow
 from resflows.runlog import TrainingError, setup_logger, stop_on_signals
@@ -70,7 +70,7 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
             return 0
     # Every check of the flags, the checkpoint and the data runs before the --save folder is touched: a refused
     # run leaves it as it was (no logs, no lock file, no clean-up).
-    data = build_data(cfg, dist, train=True) if training else None
+    data = build_data(cfg, dist, train=training) if training or cfg.evaluate else None  # sampling needs no data
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
     # Full float32 unless --tf32: torch runs float32 convolutions in TF32 on recent GPUs by default, and the
     # paper's runs were full float32 (bits/dim and the power iterations move with TF32).
@@ -96,7 +96,7 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     random.seed(cfg.seed + dist.rank)
     log.info("model: %d parameters, latent dim %d", sum(p.numel() for p in model.parameters()), model.latent_dim)
     if cfg.evaluate or cfg.sample:
-        _evaluate_or_sample(cfg, dist, model, ckpt, save_dir)
+        _evaluate_or_sample(cfg, dist, model, ckpt, save_dir, data)
         return 0
 
     trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume, data=data)
@@ -122,7 +122,8 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     return 0
 
 
-def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, ckpt: Dict[str, Any], save_dir: str) -> None:
+def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, ckpt: Dict[str, Any], save_dir: str,
+                        data: Optional[RunData]) -> None:
     """--sample, then --evaluate, with the checkpoint's weights (its EMA unless --ema-val False); only the
     weights are taken, so --seed governs the draws. Every rank takes part (the power iterations are
     collective); rank 0 writes."""
@@ -137,7 +138,7 @@ def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, c
             print(f"wrote {cfg.sample} samples to {path}")
         barrier()
     if cfg.evaluate:
-        loader = build_data(cfg, dist, train=False).test_loader
+        loader = data.test_loader
         prepare_for_eval(chosen)
         tighten_lipschitz(chosen)
         res = evaluation.evaluate(chosen, loader, cfg, dist.device, dist.is_main)
