@@ -609,6 +609,10 @@ CKPT_CASES = [
          unchanged=RUN_ALL + ("run/models/.tmp-*",), setup=_in_place(lambda c: c["rng"].update(python=(3, [1, 2, 3], None)))),
     Case("per-rank-rng-malformed-in-place", R + ["--max-iters", "3"], 1, r"random-number state cannot be restored",
          unchanged=RUN_ALL + ("run/models/.tmp-*",), setup=_in_place(lambda c: c.update(rng={"per_rank": [c["rng"], {"torch": "x"}]}))),
+    Case("evaluate-missing-data-creates-nothing", EVAL_C + ["--dataroot", "{tmp}/nodata"], 1, r"(?i)mnist", gone=["eval"],
+         setup=_edit_checkpoint("c.pth", lambda c: c["config"].update(data="mnist", imagesize=8))),
+    Case("resume-missing-data-creates-nothing", RESUME_C + ["--dataroot", "{tmp}/nodata"], 1, r"(?i)mnist", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c["config"].update(data="mnist", imagesize=8))),
     # 6. crafted structures and numbers: one line before any of it is used
     Case("model-config-200000-deep-dict", EVAL_C, 1, r"c.pth: damaged or crafted checkpoint: it is nested more than \d+ levels",
          gone=["eval"], setup=_deep_checkpoint("model_config.nblocks", "dict")),
