@@ -6,8 +6,11 @@ Our format is a plain dict of tensors, state_dicts and primitives that loads wit
     {'format': 'resflows', 'format_version': 1,
      'config': TrainConfig as a dict, 'model_config': ModelConfig as a dict,
      'model': state_dict, 'ema': state_dict or None, 'optimizer': ..., 'scheduler': ... or None,
-     'epoch': int, 'itr': int, 'best_test_bpd': float or None, 'last_test_bpd': float or None,
-     'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple}}
+     'epoch': int, 'batch_in_epoch': int, 'itr': int, 'step': int, 'world_size': int,
+     'best_test_bpd': float or None, 'last_test_bpd': float or None,
+     'best': [[test bpd, epoch, 'checkpt-EPOCH.pth'], ...] (up to 5, best first; the name is informative only:
+              the clean-up finds a run's files by epoch, in its own folder),
+     'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple} or {'per_rank': [...]}}
 
 Writes are atomic (:mod:`resflows.atomic`), so a crash never leaves a truncated checkpoint behind. What a
 checkpoint holds is checked before any of it is used (:mod:`resflows.checkpoint_checks`); models are built
