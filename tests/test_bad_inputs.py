@@ -602,6 +602,9 @@ CKPT_CASES = [
          gone=["eval"], setup=_flip_byte()),
     Case("resume-flipped-byte-in-place", R + ["--max-iters", "3"], 1, r"most_recent.pth: the file is damaged: Bad CRC-32",
          unchanged=RUN_ALL, setup=_flip_byte(name="run/models/most_recent.pth")),
+    Case("paper-checkpoint-flipped-byte", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save",
+                                           "{tmp}/eval"], 1, r"paper.pth: the file is damaged: Bad CRC-32", gone=["eval"],
+         setup=_flip_byte(src=str(REPO / "tests" / "reference" / "legacy" / "checkpoint.pth"), name="paper.pth")),
     # 3. a refused resume leaves the folder as it was: no logs, no lock file, no clean-up
     Case("torch-rng-malformed-new-folder", RESUME_C, 1, r"random-number state cannot be restored", gone=["new"],
          setup=_edit_checkpoint("c.pth", _bad_rng({"torch": torch.zeros(3, dtype=torch.uint8)}))),

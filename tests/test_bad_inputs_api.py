@@ -173,7 +173,9 @@ def files(tmp_path_factory) -> Dict[str, str]:
     cfg = ToyConfig(nblocks=1, dims=(4,), batch_size=4, test_batch_size=4, save=str(folder))
     trainer = ToyTrainer(cfg, build_toy_model(cfg), torch.device("cpu"), str(folder))
     toy = trainer.save("toy.pth")
-    return {"image": image, "toy": toy, "folder": str(folder)}
+    from tests.conftest import REFERENCE
+
+    return {"image": image, "toy": toy, "folder": str(folder), "paper": str(REFERENCE / "legacy" / "checkpoint.pth")}
 
 
 def _variant(files, which: str, edit: Callable[[dict], None], name: str) -> str:
@@ -232,6 +234,12 @@ def _toy(path):
     return load_toy_model(path)
 
 
+def _paper(path):
+    from resflows.legacy import load_paper_checkpoint  # NotACheckpointError is a ValueError
+
+    return load_paper_checkpoint(path)
+
+
 FILE_CASES = {
     # load_model's arguments
     "load_model: path None": FileCase(lambda f: _load(None), ValueError, r"path must be a checkpoint file name .* got NoneType"),
@@ -278,6 +286,9 @@ FILE_CASES = {
     "load_toy_model: a flipped byte": FileCase(lambda f: _toy(_flipped(f, "toy")), resflows.CheckpointError,
                                                r"flipped-toy.pth: .*Bad CRC-32"),
     "load_toy_model: a zip bomb": FileCase(lambda f: _toy(_bomb(f)), resflows.CheckpointError, r"bomb.pth: .*zip bomb"),
+    "load_paper_checkpoint: a zip bomb": FileCase(lambda f: _paper(_bomb(f)), ValueError, r"\(a zip bomb\?\); refusing"),
+    "load_paper_checkpoint: a flipped byte": FileCase(lambda f: _paper(_flipped(f, "paper")), ValueError,
+                                                      r"the file is damaged: Bad CRC-32 for file"),
     "load_toy_model: an image checkpoint": FileCase(lambda f: _toy(f["image"]), resflows.CheckpointError,
                                                     r"image.pth: not a train_toy.py checkpoint"),
 }
