@@ -122,7 +122,7 @@ def _try_rng(state: Any) -> None:
         random.Random().setstate((py[0], tuple(py[1]), py[2]))
     cuda = state.get("cuda") or []
     if not isinstance(cuda, (list, tuple)) or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 4096 for t in cuda):
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.numel() <= 1 << 20 for t in cuda):
         raise TypeError("cuda states")
 
 
