@@ -51,6 +51,11 @@ def validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
             isinstance(b, (list, tuple)) and len(b) == 3 and _is_real(b[0]) and math.isfinite(b[0])
             and _is_int(b[1]) and 0 <= b[1] <= MAX_COUNTER and isinstance(b[2], str) for b in best):
         raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints is malformed)")
+    epochs = [b[1] for b in best]
+    if len(set(epochs)) != len(epochs) or (epochs and ckpt.get("epoch") is not None and max(epochs) >= ckpt["epoch"]):
+        # Each entry is a finished epoch, once: a repeated or future one would let the clean-up remove a listed file.
+        raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints names epochs {sorted(epochs)}, "
+                              f"repeated or not before its epoch {ckpt.get('epoch')})")
     for key in ("best_test_bpd", "last_test_bpd"):
         v = ckpt.get(key)
         if v is not None and not _is_real(v):

@@ -396,7 +396,9 @@ def test_scripts_end_in_one_line(tmp_path, script, argv):
 # The clean-up removes only files directly in SAVE/models that this run's naming scheme produces, found by name;
 # nothing outside the run folder is ever touched, and a refused checkpoint leaves the folder as it was.
 ELSEWHERE = ("elsewhere/*",)  # a folder beside the run, which no case may change
-EPOCH_END = dict(batch_in_epoch=29, itr=29, step=29)  # digits: 30 batches of 50 an epoch: the next step ends it
+# Epoch 6 (after 5 finished ones, which the crafted best lists name), with 30 batches of 50 digits an epoch:
+# the next step ends it, so the resumed run validates and saves a new best, checkpt-0006.pth.
+EPOCH_END = dict(epoch=6, batch_in_epoch=29, itr=29, step=29)
 
 
 def _outside_files(tmp):
@@ -627,6 +629,10 @@ CKPT_CASES = [
          gone=["new"], setup=_edit_checkpoint("c.pth", lambda c: c.update(step=10**13))),
     Case("best-score-nan", RESUME_C, 1, r"list of best checkpoints is malformed", gone=["new"],
          setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[[float("nan"), 0, "checkpt-0000.pth"]]))),
+    Case("best-epoch-repeated", RESUME_C, 1, r"list of best checkpoints names epochs \[0, 0\], repeated or not before", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch=3, best=[[1.0, 0, "a"], [2.0, 0, "b"]]))),
+    Case("best-epoch-in-the-future", RESUME_C, 1, r"names epochs \[7\], repeated or not before its epoch 0", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[[1.0, 7, "checkpt-0007.pth"]]))),
     Case("fc-idim-1e12", EVAL_C, 1, r"c.pth: cannot rebuild its model \(.*overflow", gone=["eval"],
          setup=_edit_checkpoint("c.pth", _set_config(fc_idim=10**12))),
     Case("config-integer-key", EVAL_C, 1, r"its 'config' has a key that is not a setting name: 7", gone=["eval"],
@@ -709,7 +715,7 @@ def test_sigkill_between_a_new_best_and_deleting_the_one_it_displaced(trained, t
     p = subprocess.run([sys.executable, "-c", code] + argv + ["--max-iters", "31"], capture_output=True, text=True,
                        cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "RESFLOWS_OFFLINE": "1"})
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert (models / "checkpt-0000.pth").exists() and (models / "checkpt-0005.pth").exists()
-    assert sorted(b[1] for b in torch.load(models / "most_recent.pth", weights_only=True)["best"]) == [0, 1, 2, 3, 4]
+    assert (models / "checkpt-0006.pth").exists() and (models / "checkpt-0005.pth").exists()
+    assert sorted(b[1] for b in torch.load(models / "most_recent.pth", weights_only=True)["best"]) == [1, 2, 3, 4, 6]
     assert train_img.main(argv + ["--max-iters", "32"]) == 0
-    assert sorted(n for n in os.listdir(models) if n.startswith("checkpt-")) == [f"checkpt-{e:04d}.pth" for e in range(5)]
+    assert sorted(n for n in os.listdir(models) if n.startswith("checkpt-")) == [f"checkpt-{e:04d}.pth" for e in (1, 2, 3, 4, 6)]
