@@ -21,18 +21,21 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from resflows import evaluation
-from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
+from resflows.atomic import write_json
+from resflows.checkpoint import read_checkpoint
+from resflows.checkpoint_checks import check_weights_fit
 from resflows.cli import merge_resume_config, parse_args
 from resflows.config import ConfigError, ModelConfig, TrainConfig
 from resflows.distributed import DistInfo, barrier, cleanup_distributed, rank_seed, setup_distributed
 from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
 from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tighten_lipschitz
 from resflows.factory import model_config_from
-from resflows.loaders import build_data
+from resflows.loaders import RunData, build_data
+from resflows.loading import load_weights
 from resflows.model import ResidualFlow
 from resflows.runlog import TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import tune_cpu_runtime
-from resflows.trainer import Trainer
+from resflows.trainer import Trainer, run_finished
 
 PROG = "train_img.py"
 
@@ -59,6 +62,15 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
             check_weights_fit(cfg.resume, ckpt, model_config_from(cfg))  # before allocating the model
     if cfg.seed is None:
         cfg.seed = random.SystemRandom().randrange(2**31)
+    training = not (cfg.evaluate or cfg.sample)
+    if training and ckpt is not None and ckpt.get("format") == "resflows":
+        done = run_finished(cfg, ckpt["epoch"], ckpt.get("step", ckpt["itr"]))
+        if done:  # before the folder is touched: nothing changes
+            print(f"{PROG}: {cfg.resume} {done}; nothing to do (raise --max-iters or --nepochs to train on)")
+            return 0
+    # Every check of the flags, the checkpoint and the data runs before the --save folder is touched: a refused
+    # run leaves it as it was (no logs, no lock file, no clean-up).
+    data = build_data(cfg, dist, train=training) if training or cfg.evaluate else None  # sampling needs no data
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
     # Full float32 unless --tf32: torch runs float32 convolutions in TF32 on recent GPUs by default, and the
     # paper's runs were full float32 (bits/dim and the power iterations move with TF32).
@@ -67,7 +79,6 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
     save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
-    training = not (cfg.evaluate or cfg.sample)
     if training and dist.is_main:  # evaluating or sampling never touches models/: no lock needed
         held.enter_context(SaveLock(save_dir))
     log = setup_logger(save_dir, dist.is_main)
@@ -86,16 +97,16 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     random.seed(seed)
     log.info("model: %d parameters, latent dim %d", sum(p.numel() for p in model.parameters()), model.latent_dim)
     if cfg.evaluate or cfg.sample:
-        _evaluate_or_sample(cfg, dist, model, ckpt, save_dir)
+        _evaluate_or_sample(cfg, dist, model, ckpt, save_dir, data)
         return 0
 
-    trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume)
+    trainer = Trainer(cfg, dist, model, save_dir, ckpt=ckpt, ckpt_path=cfg.resume, data=data)
     if ckpt is not None:
         log.info("resumed from %s at epoch %d, step %d", cfg.resume, trainer.epoch, trainer.step)
-        same_folder = _same_folder(os.path.dirname(cfg.resume), os.path.join(save_dir, "models"))
-        if dist.is_main and ckpt.get("format") == "resflows" and same_folder:
+        if dist.is_main and ckpt.get("format") == "resflows" and trainer.best_are_here:
             # Only the checkpoints the resumed state lists as its best belong to this run (a run killed between
-            # writing a new best and deleting the one it displaced leaves one too many).
+            # writing a new best and deleting the one it displaced leaves one too many); a checkpoint read from
+            # another folder never causes a deletion.
             remove_leftovers([os.path.join(save_dir, "models")], [b[2] for b in trainer.best])
         done = trainer.finished()
         if done:
@@ -112,7 +123,8 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     return 0
 
 
-def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, ckpt: Dict[str, Any], save_dir: str) -> None:
+def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, ckpt: Dict[str, Any], save_dir: str,
+                        data: Optional[RunData]) -> None:
     """--sample, then --evaluate, with the checkpoint's weights (its EMA unless --ema-val False); only the
     weights are taken, so --seed governs the draws. Every rank takes part (the power iterations are
     collective); rank 0 writes."""
@@ -127,7 +139,7 @@ def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, c
             print(f"wrote {cfg.sample} samples to {path}")
         barrier()
     if cfg.evaluate:
-        loader = build_data(cfg, dist, train=False).test_loader
+        loader = data.test_loader
         prepare_for_eval(chosen)
         tighten_lipschitz(chosen)
         res = evaluation.evaluate(chosen, loader, cfg, dist.device, dist.is_main)
@@ -143,13 +155,6 @@ def _evaluate_or_sample(cfg: TrainConfig, dist: DistInfo, model: ResidualFlow, c
                    "seed": cfg.seed, "dequant": cfg.dequant}
             write_json(os.path.join(save_dir, "eval.json"), out)
             print(f"wrote {os.path.join(save_dir, 'eval.json')}")
-
-
-def _same_folder(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a or ".", b)
-    except OSError:
-        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,7 +24,7 @@ _EXPORTS = {
     "TrainConfig": "config",
     "ConfigError": "config",
     "CheckpointError": "checkpoint",
-    "load_model": "checkpoint",
+    "load_model": "loading",
     "read_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "bits_per_dim": "losses",

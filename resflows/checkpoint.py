@@ -1,4 +1,4 @@
-"""Checkpoints: our safe format, the paper's format through a guarded reader, and ``load_model``.
+"""Checkpoints: our safe format, and the paper's format through a guarded reader (:mod:`resflows.legacy`).
 
 Our format is a plain dict of tensors, state_dicts and primitives that loads with
 ``torch.load(weights_only=True)``::
@@ -6,43 +6,56 @@ Our format is a plain dict of tensors, state_dicts and primitives that loads wit
     {'format': 'resflows', 'format_version': 1,
      'config': TrainConfig as a dict, 'model_config': ModelConfig as a dict,
      'model': state_dict, 'ema': state_dict or None, 'optimizer': ..., 'scheduler': ... or None,
-     'epoch': int, 'itr': int, 'best_test_bpd': float or None, 'last_test_bpd': float or None,
-     'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple}}
+     'epoch': int, 'batch_in_epoch': int, 'itr': int, 'step': int, 'world_size': int,
+     'best_test_bpd': float or None, 'last_test_bpd': float or None,
+     'best': [[test bpd, epoch, 'checkpt-EPOCH.pth'], ...] (up to 5, best first; the name is informative only:
+              the clean-up finds a run's files by epoch, in its own folder),
+     'rng': {'torch': ByteTensor, 'cuda': [ByteTensor, ...], 'python': tuple} or {'per_rank': [...]}}
 
-Writes are atomic (:func:`atomic_write`: temporary file in the same folder, flush, fsync, rename), so a
-crash never leaves a truncated checkpoint or JSON file behind.
+Writes are atomic (:mod:`resflows.atomic`), so a crash never leaves a truncated checkpoint behind. What a
+checkpoint holds is checked before any of it is used (:mod:`resflows.checkpoint_checks`); models are built
+from checkpoints by :mod:`resflows.loading`.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import random
-import tempfile
 import zipfile
-from typing import Any, BinaryIO, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .config import ConfigError, ModelConfig, TrainConfig
-from .legacy import NotACheckpointError, load_paper_checkpoint
-from .optim import EMA
+from .atomic import TMP_PREFIX, atomic_write, write_json
+from .config import ConfigError, TrainConfig
+from .legacy import NotACheckpointError, check_structure, check_zip_archive, load_paper_checkpoint
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "NonFiniteError",
     "nonfinite_tensors",
-    "check_weights_fit",
-    "atomic_write",
     "atomic_save",
-    "write_json",
     "save_checkpoint",
     "read_checkpoint",
-    "load_model",
-    "load_weights",
     "rng_state",
     "set_rng_state",
+    # kept importable from here: defined in resflows.atomic, and (lazily, see _MOVED) elsewhere
+    "TMP_PREFIX",
+    "atomic_write",
+    "write_json",
 ]
+
+# Names that lived here before the module was split, imported on first use (they import this module).
+_MOVED = {"check_weights_fit": "checkpoint_checks", "load_model": "loading", "load_weights": "loading",
+          "load_state": "loading"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FORMAT_VERSION = 1
 
@@ -82,36 +95,6 @@ def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
     return bad
 
 
-TMP_PREFIX = ".tmp-"  # temporary files of interrupted writes start with it (see resflows.entry.remove_leftovers)
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], Any], suffix: str = "") -> None:
-    """Write ``path`` all or nothing: ``write(f)`` fills a temporary binary file beside it, which is flushed,
-    fsynced and renamed into place, so a crash never leaves a truncated file behind.
-
-    On any failure the file already at ``path`` is kept and the temporary file removed; an OSError (a full
-    disk...) names ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=folder)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # torch.save's writes do not say which file
-            raise OSError(e.errno, e.strerror or str(e), path) from None
-        raise
-
-
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` ``obj`` to ``path`` with :func:`atomic_write`.
 
@@ -122,12 +105,6 @@ def atomic_save(obj: Any, path: str) -> None:
         raise NonFiniteError(f"refusing to write {path}: {len(bad)} tensor(s) hold NaN or infinite values "
                              f"(first: {bad[0]}); the files already there are kept")
     atomic_write(path, lambda f: torch.save(obj, f), ".pth")
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (NaN and infinity refused: they are not JSON) with :func:`atomic_write`."""
-    text = json.dumps(obj, indent=2, allow_nan=False)  # ValueError before anything is written
-    atomic_write(path, lambda f: f.write((text + "\n").encode()), ".json")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -159,8 +136,12 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read our format or the paper's, returning our layout (``format`` says which it was).
 
-    Raises :class:`CheckpointError` with a one-line message for a missing, truncated or foreign file.
+    Raises :class:`CheckpointError` with a one-line message for a missing, truncated, damaged (a zip entry
+    whose CRC-32 does not match), crafted or foreign file. A zip archive's declared sizes are checked before
+    anything is unpacked, and what the file holds (structure, types, ranges) before any of it is used.
     """
+    from .checkpoint_checks import validated
+
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.isdir(path):
@@ -169,19 +150,33 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path}: the file is empty")
     if zipfile.is_zipfile(path):
         try:
+            check_zip_archive(path)
+        except NotACheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception:  # noqa: BLE001 - not loadable safely: maybe the paper's pickled format
             obj = None
         if isinstance(obj, dict) and obj.get("format") == "resflows":
-            if obj.get("format_version", 0) > FORMAT_VERSION:
+            try:
+                check_structure(obj)
+            except NotACheckpointError as e:
+                raise CheckpointError(f"{path}: damaged or crafted checkpoint: {e}") from None
+            version = obj.get("format_version", 0)
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise CheckpointError(f"{path}: damaged checkpoint (its format_version is {version!r:.40}, not an integer)")
+            if version > FORMAT_VERSION:
                 raise CheckpointError(f"{path}: written by a newer resflows (format {obj['format_version']}); upgrade resflows")
             for key in ("config", "model_config", "model"):
                 if key not in obj:
                     raise CheckpointError(f"{path}: damaged resflows checkpoint (no {key!r})")
             if isinstance(obj["config"], dict) and obj["config"].get("imagesize", 0) is None:
                 # Written when a missing --imagesize meant the native size (28 for mnist), now 32: keep its size.
-                obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
-            return _validated(path, obj)
+                try:
+                    obj["config"]["imagesize"] = int(obj["model_config"]["input_size"][-1])
+                except (TypeError, ValueError, KeyError, IndexError):
+                    raise CheckpointError(f"{path}: damaged checkpoint (its model_config has no usable input_size)") from None
+            return validated(path, obj)
         if isinstance(obj, dict) and obj.get("format") == "resflows-toy":
             raise CheckpointError(f"{path}: a train_toy.py checkpoint; load it with resflows.toy.load_toy_model")
         if obj is not None:
@@ -189,7 +184,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     elif not _looks_like_legacy_torch(path):
         raise CheckpointError(f"{path}: not a checkpoint (neither a torch zip archive nor a legacy torch file; truncated?)")
     try:
-        paper = load_paper_checkpoint(path)
+        paper = load_paper_checkpoint(path, verify=False)  # the zip archive was checked above
     except NotACheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     try:
@@ -197,14 +192,14 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         from .factory import model_config_from
 
         model_config = model_config_from(config)
-    except (ConfigError, ValueError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"{path}: its saved flags do not describe a model we can build ({e})") from None
     sd = {k: _to(v, map_location) for k, v in paper["state_dict"].items()}
     ema = None
     if paper["ema"] is not None:
         ema = dict(sd)
         ema.update({k: _to(v, map_location) for k, v in paper["ema"].items() if k in ema})
-    return _validated(path, {
+    return validated(path, {
         "format": "paper",
         "format_version": 0,
         "config": config.to_dict(),
@@ -221,83 +216,6 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     })
 
 
-_COUNTERS = ("epoch", "batch_in_epoch", "itr", "step", "world_size")
-
-
-def _validated(path: str, ckpt: Dict[str, Any]) -> Dict[str, Any]:
-    """Check everything a checkpoint feeds into a run before anything is built from it: the stored flags
-    (types and ranges, the same rules as the command line), the counters, that the weights are tensors
-    that are finite and fit the stored architecture. A crafted or damaged file gets one line."""
-    from .cli import validate_config
-
-    for key in ("config", "model_config"):
-        if not isinstance(ckpt.get(key), dict):
-            raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} is a {type(ckpt.get(key)).__name__}, not a dict of settings)")
-    try:
-        config = TrainConfig.from_dict(ckpt["config"])
-        validate_config(config)
-        model_config = ModelConfig.from_dict(ckpt["model_config"])
-    except (ConfigError, ValueError, TypeError, OverflowError) as e:
-        raise CheckpointError(f"{path}: its stored settings are invalid: {e}") from None
-    ckpt = dict(ckpt, config=config.to_dict(), model_config=model_config.to_dict())
-    for key in _COUNTERS:
-        v = ckpt.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise CheckpointError(f"{path}: damaged checkpoint (its {key} counter is {v!r}, not a non-negative integer)")
-    best = ckpt.get("best") or []
-    if not isinstance(best, (list, tuple)) or not all(
-            isinstance(b, (list, tuple)) and len(b) == 3 and isinstance(b[0], (int, float)) and isinstance(b[1], int)
-            and isinstance(b[2], str) for b in best):
-        raise CheckpointError(f"{path}: damaged checkpoint (its list of best checkpoints is malformed)")
-    for key in ("model", "ema"):
-        sd = ckpt.get(key)
-        if sd is None and key == "ema":
-            continue
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise CheckpointError(f"{path}: damaged checkpoint (its {key!r} weights are not a dict of named tensors)")
-        bad = nonfinite_tensors(sd)
-        if bad:
-            raise NonFiniteError(f"{path}: its {'EMA' if key == 'ema' else key} weights hold NaN or infinite values "
-                                 f"({len(bad)} tensor(s), first: {bad[0]}); use an earlier checkpoint")
-    check_weights_fit(path, ckpt, model_config)
-    return ckpt
-
-
-def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig) -> None:
-    """Raise :class:`CheckpointError` unless the checkpoint's weights (and EMA) have exactly the keys and
-    shapes of the model ``model_config`` describes. The model is built on the ``meta`` device (no memory,
-    no power iterations), after a count that rejects absurd block numbers before building anything."""
-    from .model import ResidualFlow
-
-    sd = ckpt["model"]
-    blocks = sum(model_config.nblocks) + (model_config.fc_nblocks if model_config.fc_end else 0)
-    if blocks > len(sd):  # every block owns at least one tensor
-        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(sd)} weight tensors; "
-                              f"the file is damaged")
-    try:
-        with torch.device("meta"):
-            reference = ResidualFlow(model_config).state_dict()
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-    for what, weights in (("model", sd), ("EMA", ckpt.get("ema"))):
-        if weights is None:
-            continue
-        missing = [k for k in reference if k not in weights]
-        unexpected = [k for k in weights if k not in reference]
-        wrong = [k for k in reference if k in weights and tuple(weights[k].shape) != tuple(reference[k].shape)]
-        if missing or unexpected or wrong:
-            detail = []
-            if missing:
-                detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
-            if unexpected:
-                detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-            if wrong:
-                k = wrong[0]
-                detail.append(f"{len(wrong)} of the wrong shape, e.g. {k}: {list(weights[k].shape)} in the file, "
-                              f"{list(reference[k].shape)} in the model")
-            raise CheckpointError(f"{path}: its {what} weights do not fit this architecture ({'; '.join(detail)})")
-
-
 def _to(t: torch.Tensor, map_location: Any) -> torch.Tensor:
     if map_location is None or callable(map_location) or isinstance(map_location, dict):
         return t
@@ -311,66 +229,3 @@ def _looks_like_legacy_torch(path: str) -> bool:
     return len(head) == 4 and head[0] == 0x80 and head[2] == 0x8A
 
 
-def _build(path: str, ckpt: Dict[str, Any]):
-    from .model import ResidualFlow
-
-    try:
-        mcfg = ModelConfig.from_dict(ckpt["model_config"])
-        return ResidualFlow(mcfg)
-    except (ConfigError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-
-
-def load_state(path: str, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str = "model") -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the file.
-
-    Two entries are taken from ``model`` instead of the file, as the paper's code does: ``last_n_samples``
-    when ``--n-samples`` changed (a record of the last draws, sized by it), and the constant Normalize
-    statistics that checkpoints written before they became state lack.
-    """
-    own = model.state_dict()
-    state_dict = dict(state_dict)
-    for k, v in own.items():
-        if k.endswith("last_n_samples") and k in state_dict and state_dict[k].shape != v.shape:
-            state_dict[k] = v
-        elif k.endswith((".mean", ".std")) and k not in state_dict and k.startswith(("init_layer.", "transforms.0.chain.0.")):
-            state_dict[k] = v
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = "; ".join(s.strip() for s in first[1:3]) if len(first) > 1 else first[0]
-        raise CheckpointError(f"{path}: its {what} weights do not fit this architecture ({detail})") from None
-
-
-def load_model(path: str, ema: bool = False, map_location: Any = "cpu"):
-    """The model stored in a checkpoint (ours or the paper's), in eval mode, architecture taken from the file.
-
-    With ``ema=True`` the exponential-moving-average weights are used and every normalised layer's
-    power-iteration vectors are re-estimated to convergence for those weights.
-    """
-    ckpt = read_checkpoint(path, map_location)
-    model = _build(path, ckpt)
-    if ema:
-        if ckpt.get("ema") is None:
-            raise CheckpointError(f"{path}: has no EMA weights; load it with ema=False")
-        load_state(path, model, ckpt["ema"], "EMA")
-    else:
-        load_state(path, model, ckpt["model"])
-    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        model.to(map_location)
-    if ema:
-        from .evaluation import tighten_lipschitz
-
-        tighten_lipschitz(model)
-    return model.eval()
-
-
-def load_weights(path: str, ckpt: Dict[str, Any], model: torch.nn.Module) -> EMA:
-    """Load a checkpoint's weights into ``model`` and return the EMA: the checkpoint's EMA weights, or a copy
-    of ``model`` where it has none."""
-    load_state(path, model, ckpt["model"])
-    ema = EMA(model)
-    if ckpt.get("ema") is not None:
-        load_state(path, ema.model, ckpt["ema"], "EMA")
-    return ema

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence, Set, Tuple
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig, validate_config
 from .flags import OneLineArgumentParser, add_flags, names_where, option
 
 __all__ = ["build_parser", "parse_args", "OneLineArgumentParser", "ARCH_FLAGS", "RUN_FLAGS", "merge_resume_config",
@@ -57,12 +57,6 @@ def _check_run_flags(cfg: TrainConfig, explicit: Set[str]) -> None:
             raise ConfigError(f"--{flag} only applies when sampling: add --sample N (with --resume CKPT)")
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """The rules the command line enforces (types, ranges, choices), for any TrainConfig: parsed from
-    flags, or read from a checkpoint. Raises ConfigError with a one-line message naming the flag."""
-    cfg.validate()
-
-
 def check_device(device: str) -> None:
     """``--device``: auto, cpu, cuda or cuda:N with that GPU present (or mps where available)."""
     import re
@@ -108,7 +102,11 @@ def merge_resume_config(saved: dict, cli: TrainConfig, explicit: Set[str], check
     validate_config(merged)
     arch_saved = model_config_from(base).architecture()
     arch_new = model_config_from(merged).architecture()
-    if arch_saved != arch_new:
+    # Architecture flags that are not model settings (--data, --nbits, --task...) decide what the model sees
+    # (the logit transform's alpha, the levels): compared as they are.
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    data_flags = [k for k in ARCH_FLAGS if k in explicit and k not in model_fields and getattr(base, k) != getattr(merged, k)]
+    if arch_saved != arch_new or data_flags:
         typed = [k for k in ARCH_FLAGS if k in explicit and getattr(base, k) != getattr(merged, k)]
         options = {f.name: option(f) for f in dataclasses.fields(TrainConfig)}
         detail = ", ".join(f"{options[k]} {getattr(merged, k)} (checkpoint: {getattr(base, k)})" for k in typed)

@@ -41,6 +41,7 @@ __all__ = [
     "parse_int_tuple",
     "parse_vnorms",
     "format_vnorms",
+    "validate_config",
 ]
 
 INF = float("inf")
@@ -354,6 +355,12 @@ class TrainConfig:
         cfg.act = parse_act(cfg.act)  # the i-DenseNets fork saved --act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """The rules the command line enforces (types, ranges, choices), for any TrainConfig: parsed from
+    flags, or read from a checkpoint. Raises ConfigError with a one-line message naming the flag."""
+    cfg.validate()
 
 
 # The range tables, derived from the fields (a test checks that every numeric field has one).

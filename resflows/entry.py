@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import logging
 import os
+import re
 import socket
+import stat
 import sys
 import traceback
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["run_entry_point", "describe_error", "prepare_save_dir", "SaveLock", "remove_leftovers"]
+__all__ = ["run_entry_point", "describe_error", "prepare_save_dir", "SaveLock", "remove_leftovers", "best_checkpoint_name",
+           "remove_own_file"]
 
 logger = logging.getLogger("resflows")
 
@@ -152,21 +154,51 @@ class SaveLock:
         self.release()
 
 
-def remove_leftovers(folders: Iterable[str], keep_checkpoints: Optional[Iterable[str]] = None,
-                     pattern: str = "checkpt-*.pth") -> None:
-    """Delete what a run killed between two writes left behind, under the ``--save`` lock: the hidden
-    temporary files of interrupted saves, and (when ``keep_checkpoints`` is given: the names the resumed
-    checkpoint lists as its best) any ``pattern`` checkpoint beyond those."""
-    from .checkpoint import TMP_PREFIX
+# The best-epoch checkpoints a run writes in SAVE/models: the only checkpoint names the clean-up removes.
+BEST_CHECKPOINT = re.compile(r"checkpt-(\d{4,})\.pth")
 
-    keep = None if keep_checkpoints is None else {os.path.basename(p) for p in keep_checkpoints}
+
+def best_checkpoint_name(epoch: int) -> str:
+    """``checkpt-EPOCH.pth``, the file name of an epoch among the best (``SAVE/models``)."""
+    return f"checkpt-{int(epoch):04d}.pth"
+
+
+def _deletable_folder(folder: str) -> bool:
+    # Never delete through a symlinked folder: its files belong to wherever it points.
+    return os.path.isdir(folder) and not os.path.islink(folder)
+
+
+def remove_own_file(folder: str, name: str) -> bool:
+    """Remove ``folder/name`` if it is a regular file (not a symlink, not a folder) directly in ``folder``
+    and ``folder`` is not itself a symlink; ``name`` must be a bare file name. Returns whether it was removed.
+
+    This is the one way the clean-up deletes: by a name this run's scheme produces, never by a path read
+    from a file, so nothing outside the folder can be reached."""
+    if os.path.basename(name) != name or name in ("", ".", "..") or not _deletable_folder(folder):
+        return False
+    path = os.path.join(folder, name)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_leftovers(folders: Iterable[str], keep_checkpoints: Optional[Iterable[str]] = None) -> None:
+    """Delete what a run killed between two writes left behind, under the ``--save`` lock: the hidden
+    temporary files of interrupted saves (``.tmp-*.pth``), and (when ``keep_checkpoints`` is given: the epoch
+    file names the resumed checkpoint of this folder lists as its best) any ``checkpt-EPOCH.pth`` beyond
+    those. Only regular files directly in each folder whose names this scheme produces are removed."""
+    from .atomic import TMP_PREFIX
+
+    keep = None if keep_checkpoints is None else set(keep_checkpoints)
     for folder in folders:
-        stale = glob.glob(os.path.join(glob.escape(folder), TMP_PREFIX + "*.pth"))
-        if keep is not None:
-            stale += [p for p in glob.glob(os.path.join(glob.escape(folder), pattern)) if os.path.basename(p) not in keep]
-        for path in sorted(stale):
-            try:
-                os.remove(path)
-                logger.info("removed %s, left behind by an interrupted run", path)
-            except FileNotFoundError:
-                pass
+        if not _deletable_folder(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            stale = (name.startswith(TMP_PREFIX) and name.endswith(".pth")) or (
+                keep is not None and BEST_CHECKPOINT.fullmatch(name) is not None and name not in keep)
+            if stale and remove_own_file(folder, name):
+                logger.info("removed %s, left behind by an interrupted run", os.path.join(folder, name))

@@ -12,12 +12,17 @@ and unpickles with a whitelist:
 * classes under ``resflows.*``, ``lib.*``, ``torch.nn.*`` and ``argparse.Namespace`` become inert
   stand-ins that only record their pickled state;
 
-and refuses everything else with :class:`NotACheckpointError`.
+and refuses everything else with :class:`NotACheckpointError`. Before anything is unpacked, a zip archive's
+directory is checked (:func:`check_zip_archive`: the sizes it declares, then every entry's CRC-32, which
+``torch.load`` does not verify), and what the pickle held is checked for its structure (nesting depth, key
+types, integer sizes) and types before any of it is used.
 """
 from __future__ import annotations
 
 import collections
 import io
+import math
+import os
 import pickle
 import struct
 import tarfile
@@ -26,7 +31,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["NotACheckpointError", "StandIn", "load_paper_checkpoint", "read_paper_pickle"]
+__all__ = ["NotACheckpointError", "StandIn", "load_paper_checkpoint", "read_paper_pickle", "check_zip_archive",
+           "check_structure"]
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _PROTOCOL_VERSION = 1001
@@ -54,6 +60,78 @@ _STAND_IN_PREFIXES = ("resflows.", "lib.", "torch.nn.modules.", "torch.nn.parame
 
 class NotACheckpointError(ValueError):
     """The file is not a Residual Flows checkpoint (or it is damaged)."""
+
+
+# torch.save stores its entries uncompressed, so their declared sizes add up to about the file's size; an
+# archive whose entries claim much more would be inflated in memory (a zip bomb) and is refused unread.
+MAX_INFLATION = 4
+_INFLATION_SLACK = 1 << 20  # bytes: headers and a small compressed record are always allowed
+
+
+def check_zip_archive(path: str) -> None:
+    """Refuse (:class:`NotACheckpointError`) a zip archive whose entries declare more bytes than
+    ``MAX_INFLATION`` times the file's size, or any entry whose CRC-32 does not match its bytes (a flipped
+    byte on disk or in transfer: ``torch.load`` does not check). Entries are read in 1 MiB pieces, bounded by
+    the sizes already checked, so nothing is inflated in memory."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            declared = sum(i.file_size for i in infos)
+            if declared > MAX_INFLATION * size + _INFLATION_SLACK:
+                raise NotACheckpointError(
+                    f"its zip entries declare {declared / 2**20:.0f} MiB in a {size / 2**20:.2f} MiB file (a zip bomb?); "
+                    f"refusing to unpack it")
+            for info in infos:
+                with zf.open(info) as f:
+                    while f.read(1 << 20):
+                        pass
+    except NotACheckpointError:
+        raise
+    except zipfile.BadZipFile as e:
+        if "CRC" in str(e):
+            raise NotACheckpointError(f"the file is damaged: {e} (a changed byte on disk or in transfer); "
+                                      f"use another copy") from None
+        raise NotACheckpointError(f"the file is damaged: its zip archive cannot be read ({e})") from None
+    except (RuntimeError, NotImplementedError, ValueError, OSError, EOFError) as e:  # encrypted, unknown method...
+        raise NotACheckpointError(f"its zip archive cannot be read ({type(e).__name__}: {e})") from None
+
+
+# What a checkpoint may hold, checked before anything is used: nesting (a legitimate checkpoint is a few
+# levels deep; a paper checkpoint's pickled modules some more), key types, and integers that fit 64 bits.
+MAX_DEPTH = 64
+_LEAVES = (str, bytes, float, bool, type(None), torch.dtype, torch.device)
+
+
+def check_structure(obj: Any, what: str = "", max_depth: int = MAX_DEPTH, stand_ins: bool = False) -> None:
+    """Walk ``obj`` (iteratively: any depth is safe) and raise :class:`NotACheckpointError` at the first
+    container nested deeper than ``max_depth``, dict key that is not a string or an integer, integer beyond
+    64 bits, or object that is not a tensor, a plain container or a primitive (``stand_ins``: also the
+    stand-ins of the paper's classes, whose recorded state is walked)."""
+    stack = [(obj, what, 0)]
+    while stack:
+        o, name, depth = stack.pop()
+        where = name or "the top level"
+        if isinstance(o, torch.Tensor) or isinstance(o, _LEAVES):
+            continue
+        if isinstance(o, int):
+            if o.bit_length() > 64:
+                raise NotACheckpointError(f"it holds an integer of {o.bit_length()} bits at {where} (at most 64 fit)")
+            continue
+        if depth >= max_depth:
+            raise NotACheckpointError(f"it is nested more than {max_depth} levels deep (at {where})")
+        if stand_ins and isinstance(o, StandIn):
+            o = o.__dict__
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if not isinstance(k, (str, int)) or (isinstance(k, int) and k.bit_length() > 64):
+                    raise NotACheckpointError(f"it holds a dict key of type {type(k).__name__} at {where}")
+                stack.append((v, f"{name}.{k}" if name else str(k), depth + 1))
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            for i, v in enumerate(o):
+                stack.append((v, f"{name}.{i}" if name else str(i), depth + 1))
+        elif not (stand_ins and isinstance(o, _StorageType)):
+            raise NotACheckpointError(f"it holds a {type(o).__name__} at {where}, which a checkpoint does not contain")
 
 
 class StandIn:
@@ -169,8 +247,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class _Storages:
     """Storage records of both container formats; tensors are views into these flat buffers."""
 
-    def __init__(self, zip_reader: Optional["_ZipReader"] = None):
+    def __init__(self, zip_reader: Optional["_ZipReader"] = None, max_bytes: Optional[int] = None):
         self.zip = zip_reader
+        self.max_bytes = max_bytes  # legacy files: no storage can be larger than the file that holds it
         self.flat: Dict[str, torch.Tensor] = {}
 
     def resolve(self, pid):
@@ -189,6 +268,10 @@ class _Storages:
             if self.zip is not None:
                 self.flat[key] = self.zip.storage(key, storage_type.dtype, numel)
             else:  # legacy: filled in after the pickle, from the bytes that follow it
+                nbytes = numel * torch.empty((), dtype=storage_type.dtype).element_size()
+                if numel < 0 or (self.max_bytes is not None and nbytes > self.max_bytes):
+                    raise NotACheckpointError(f"storage {key} claims {nbytes} bytes, more than the whole file holds; "
+                                              f"the file is damaged or crafted")
                 self.flat[key] = torch.zeros(numel, dtype=storage_type.dtype)
         flat = self.flat[key]
         if view is not None:
@@ -224,10 +307,13 @@ def _load_plain(f) -> Any:
     return _RestrictedUnpickler(f, _Storages()).load()
 
 
-def read_paper_pickle(path: str) -> Any:
-    """Read a torch-serialised pickle (zip or legacy format) with the restricted unpickler."""
+def read_paper_pickle(path: str, verify: bool = True) -> Any:
+    """Read a torch-serialised pickle (zip or legacy format) with the restricted unpickler. ``verify=False``
+    skips :func:`check_zip_archive` (for a caller that has run it)."""
     try:
         if zipfile.is_zipfile(path):
+            if verify:
+                check_zip_archive(path)
             with zipfile.ZipFile(path) as zf:
                 reader = _ZipReader(zf)
                 storages = _Storages(reader)
@@ -244,7 +330,7 @@ def read_paper_pickle(path: str) -> Any:
             if _load_plain(f) != _PROTOCOL_VERSION:
                 raise NotACheckpointError("unsupported torch serialisation protocol")
             _load_plain(f)  # sys info
-            storages = _Storages()
+            storages = _Storages(max_bytes=os.path.getsize(path))
             result = _RestrictedUnpickler(f, storages).load()
             keys = _load_plain(f)
             for key in keys:
@@ -269,20 +355,25 @@ def _strip_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return sd
 
 
-def load_paper_checkpoint(path: str) -> Dict[str, Any]:
+def load_paper_checkpoint(path: str, verify: bool = True) -> Dict[str, Any]:
     """The paper checkpoint's contents as plain data:
     ``{'args': dict, 'state_dict': {...}, 'ema': {name: tensor} or None, 'optimizer_state_dict': dict or None,
-    'test_bpd': float or None}``."""
-    obj = read_paper_pickle(path)
+    'test_bpd': float or None}``. Its structure and types are checked before any of it is used."""
+    obj = read_paper_pickle(path, verify)
     if not isinstance(obj, dict) or "state_dict" not in obj or "args" not in obj:
         raise NotACheckpointError("it is not a Residual Flows checkpoint (no 'state_dict' and 'args')")
+    check_structure(obj, stand_ins=True)
     args = obj["args"]
     args = dict(args.__dict__) if isinstance(args, StandIn) else args
     if not isinstance(args, dict):
         raise NotACheckpointError("its 'args' record is not a flag namespace")
+    bad_keys = [k for k in args if not isinstance(k, str)]
+    if bad_keys:
+        raise NotACheckpointError(f"its 'args' record has a key that is not a flag name ({bad_keys[0]!r})")
     args = {k: v for k, v in args.items() if not k.startswith("_")}
+    check_structure(args, "args", max_depth=2)  # flag values: primitives, at most a list of them
     sd = obj["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise NotACheckpointError("its 'state_dict' is not a dict of tensors")
     ema = obj.get("ema")
     shadow = None
@@ -293,10 +384,17 @@ def load_paper_checkpoint(path: str) -> Dict[str, Any]:
     if shadow is not None and not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in shadow.items()):
         raise NotACheckpointError("its EMA record does not hold tensors")
     test_bpd = obj.get("test_bpd")
-    try:
-        test_bpd = float(test_bpd) if test_bpd is not None else None
-    except (TypeError, ValueError):
-        test_bpd = None
+    if isinstance(test_bpd, torch.Tensor) and test_bpd.numel() == 1 and test_bpd.is_floating_point():
+        test_bpd = test_bpd.item()
+    if isinstance(test_bpd, (int, float)) and not isinstance(test_bpd, bool):
+        try:
+            test_bpd = float(test_bpd)
+        except OverflowError:
+            test_bpd = math.inf
+        if not math.isfinite(test_bpd):
+            raise NotACheckpointError(f"its test_bpd is not a finite number ({test_bpd})")
+    else:
+        test_bpd = None  # absent or not a number: only informative
     opt = obj.get("optimizer_state_dict")
     return {
         "args": args,

@@ -22,19 +22,21 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed, rank_seed
-from .evaluation import evaluate, image_shape, prepare_for_eval
+from .entry import best_checkpoint_name, remove_own_file
+from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .loaders import RunData, build_data
+from .loading import load_weights
 from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
 from .runlog import TrainingError, progress, skipped_nonfinite_step
 
-__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM"]
+__all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM", "run_finished"]
 
 logger = logging.getLogger("resflows")
 
@@ -75,7 +77,9 @@ class Trainer:
         # run) does not repeat the warm-up. Our checkpoints restore their own counters.
         self.itr = self.epoch * self.batches_per_epoch
         self.step = self.itr // cfg.update_freq
-        self.best: List[Tuple[float, int, str]] = []  # (test bpd, epoch, path), best first
+        # (test bpd, epoch, file name in SAVE/models), best first: only files this run wrote in this folder
+        self.best: List[Tuple[float, int, str]] = []
+        self.best_are_here = False  # resumed from a checkpoint in SAVE/models: its best files are this run's
         self.last_test_bpd: Optional[float] = None
         self.stop_signal: Optional[str] = None  # set by resflows.runlog.stop_on_signals
         self.stop_now = False  # the stop decision every rank agreed on at the last step
@@ -182,16 +186,17 @@ class Trainer:
             models = os.path.join(self.save_dir, "models")
             save_checkpoint(os.path.join(models, "most_recent.pth"), state)
             if best_score is not None and math.isfinite(best_score):
-                path = os.path.join(models, f"checkpt-{tag:04d}.pth")
-                cand = sorted(self.best + [(best_score, tag, path)])
-                if (best_score, tag, path) in cand[:KEEP_BEST]:
+                name = best_checkpoint_name(tag)
+                cand = sorted(self.best + [(best_score, tag, name)])
+                if (best_score, tag, name) in cand[:KEEP_BEST]:
                     state["best"] = [list(b) for b in cand[:KEEP_BEST]]
                     state["best_test_bpd"] = cand[0][0]
-                    save_checkpoint(path, state)
+                    save_checkpoint(os.path.join(models, name), state)
                     save_checkpoint(os.path.join(models, "most_recent.pth"), state)
-                    for _, _, old in cand[KEEP_BEST:]:
-                        if os.path.exists(old) and old != path:
-                            os.remove(old)
+                    # The displaced entries: files this run wrote here, found by name (never by a stored path).
+                    for _, epoch, _ in cand[KEEP_BEST:]:
+                        if epoch != tag:
+                            remove_own_file(models, best_checkpoint_name(epoch))
                 self.best = cand[:KEEP_BEST]
         barrier()
 
@@ -218,7 +223,11 @@ class Trainer:
         if ckpt.get("format") == "resflows":
             self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
             self.itr, self.step = ckpt["itr"], ckpt.get("step", ckpt["itr"])
-            self.best = [tuple(b) for b in ckpt.get("best") or []]
+            # Its best files are this run's only when it was read from this run's folder (not another run's, not
+            # the original of a copied folder): then they are found here by name; otherwise none is ours.
+            here = _same_folder(os.path.dirname(os.path.abspath(path)), os.path.join(self.save_dir, "models"))
+            self.best = [(b[0], b[1], best_checkpoint_name(b[1])) for b in ckpt.get("best") or []] if here else []
+            self.best_are_here = here
             self.last_test_bpd = ckpt.get("last_test_bpd")
             rng = ckpt.get("rng") or {}
             if "per_rank" in rng:
@@ -240,11 +249,7 @@ class Trainer:
 
     def finished(self) -> Optional[str]:
         """Why a resumed run has nothing left to train (None if it has)."""
-        if self.cfg.max_iters is not None and self.step >= self.cfg.max_iters:
-            return f"already reached --max-iters {self.cfg.max_iters} (step {self.step})"
-        if self.epoch >= self.cfg.nepochs:
-            return f"already finished --nepochs {self.cfg.nepochs}"
-        return None
+        return run_finished(self.cfg, self.epoch, self.step)
 
     # -- training ----------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -449,3 +454,18 @@ class Trainer:
             self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
 
+
+def run_finished(cfg: TrainConfig, epoch: int, step: int) -> Optional[str]:
+    """Why a run at ``epoch`` / ``step`` has nothing left to train under ``cfg`` (None if it has)."""
+    if cfg.max_iters is not None and step >= cfg.max_iters:
+        return f"already reached --max-iters {cfg.max_iters} (step {step})"
+    if epoch >= cfg.nepochs:
+        return f"already finished --nepochs {cfg.nepochs}"
+    return None
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

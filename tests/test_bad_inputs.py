@@ -391,3 +391,332 @@ def test_scripts_end_in_one_line(tmp_path, script, argv):
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"{script}: error: ")
+
+
+# -- checkpoints, resume and the clean-up: crafted files, escapes from the run folder ------------------------------
+# The clean-up removes only files directly in SAVE/models that this run's naming scheme produces, found by name;
+# nothing outside the run folder is ever touched, and a refused checkpoint leaves the folder as it was.
+ELSEWHERE = ("elsewhere/*",)  # a folder beside the run, which no case may change
+# Epoch 6 (after 5 finished ones, which the crafted best lists name), with 30 batches of 50 digits an epoch:
+# the next step ends it, so the resumed run validates and saves a new best, checkpt-0006.pth.
+EPOCH_END = dict(epoch=6, batch_in_epoch=29, itr=29, step=29)
+
+
+def _outside_files(tmp):
+    (tmp / "elsewhere").mkdir(exist_ok=True)
+    for name in ("thesis.tex", "abs.txt", "linked.tex"):
+        (tmp / "elsewhere" / name).write_text(f"{name}: not a checkpoint\n")
+
+
+def _best_list(entries):
+    """A checkpoint edit: counters at the end of epoch 0 (so the resumed run validates and saves a new best,
+    displacing the worst entry of ``entries``), and ``entries`` as its list of best files."""
+    def edit(ckpt):
+        ckpt.update(EPOCH_END, best=[list(e) for e in entries], best_test_bpd=entries[0][0])
+    return edit
+
+
+def _edit_in_place(path, edit) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+
+
+def _escaping_best_list(escape: str):
+    """The run's own checkpoint lists, as its worst best file (the one a new best displaces), a path outside
+    the folder: through '..', absolute, or through a symlinked folder inside models/. models/ also holds
+    symlinks with checkpoint names pointing outside (one listed, one a stale name)."""
+    def setup(tmp, run, monkeypatch):
+        _outside_files(tmp)
+        models = run / "models"
+        (models / "out").symlink_to(tmp / "elsewhere", target_is_directory=True)
+        (models / "checkpt-0003.pth").symlink_to(tmp / "elsewhere" / "linked.tex")
+        (models / "checkpt-0009.pth").symlink_to(tmp / "elsewhere" / "linked.tex")
+        shutil.copy(models / "most_recent.pth", models / "checkpt-0005.pth")
+        path = {"dotdot": str(models) + "/../../elsewhere/thesis.tex", "absolute": str(tmp / "elsewhere" / "abs.txt"),
+                "symlinked-folder": str(models / "out" / "thesis.tex"), "symlink": str(models / "checkpt-0003.pth")}[escape]
+        entries = [(1e6, 1, "x"), (1e6, 2, "/"), (1e6, 3, str(models / "checkpt-0003.pth")), (1e6, 4, ".."), (2e6, 5, path)]
+        _edit_in_place(models / "most_recent.pth", _best_list(entries))
+    return setup
+
+
+def _other_run_best(tmp, run, monkeypatch):
+    """run/models holds its 5 best files, listed (by path) in its most_recent.pth."""
+    models = run / "models"
+    entries = []
+    for e in range(1, 6):
+        shutil.copy(models / "most_recent.pth", models / f"checkpt-{e:04d}.pth")
+        entries.append((1e6, e, str(models / f"checkpt-{e:04d}.pth")))
+    _edit_in_place(models / "most_recent.pth", _best_list(entries))
+
+
+def _copied_run(tmp, run, monkeypatch):
+    """A copy of a run folder whose checkpoint lists the original's files by path."""
+    _other_run_best(tmp, run, monkeypatch)
+    shutil.copytree(run, tmp / "copy")
+
+
+def _flip_byte(src: str = "run/models/most_recent.pth", name: str = "c.pth"):
+    """A copy of a checkpoint with one byte flipped inside its largest tensor storage (a weight)."""
+    def setup(tmp, run, monkeypatch):
+        import zipfile
+
+        data = bytearray((tmp / src).read_bytes())
+        with zipfile.ZipFile(tmp / src) as zf:
+            info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+            assert "/data/" in info.filename
+        head = info.header_offset
+        start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(data[head + 28:head + 30], "little")
+        data[start + info.file_size // 2] ^= 0x01
+        (tmp / name).write_bytes(bytes(data))
+    return setup
+
+
+def _zip_bomb(name: str = "c.pth"):
+    """A 100 KB zip whose one deflated entry inflates to 100 MiB."""
+    def setup(tmp, run, monkeypatch):
+        import zipfile
+
+        with zipfile.ZipFile(tmp / name, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+            zf.writestr("archive/data/0", bytes(100 << 20))
+    return setup
+
+
+def _deep(kind: str, n: int = 200_000) -> bytes:
+    """Pickle opcodes of ``n`` nested lists or dicts (which pickle itself cannot write: it recurses)."""
+    if kind == "list":
+        return b"]" * n + b"a" * (n - 1)
+    return (b"}X\x01\x00\x00\x00k" * (n - 1)) + b"}" + b"s" * (n - 1)
+
+
+SENTINEL = "DEEP-NESTING-GOES-HERE"
+
+
+def _with_deep(data: bytes, kind: str) -> bytes:
+    token = b"X" + len(SENTINEL).to_bytes(4, "little") + SENTINEL.encode()
+    assert data.count(token) == 1
+    return data.replace(token, _deep(kind))
+
+
+def _deep_checkpoint(where: str, kind: str, name: str = "c.pth"):
+    """Our checkpoint with a 200,000-deep nested value at ``where`` (``model_config.nblocks``, ...)."""
+    def setup(tmp, run, monkeypatch):
+        import io
+        import zipfile
+
+        ckpt = torch.load(run / "models" / "most_recent.pth", weights_only=True)
+        section, key = where.split(".")
+        ckpt[section][key] = SENTINEL
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        with zipfile.ZipFile(buf) as zin, zipfile.ZipFile(tmp / name, "w") as zout:
+            for info in zin.infolist():
+                body = zin.read(info)
+                zout.writestr(info.filename, _with_deep(body, kind) if info.filename.endswith("data.pkl") else body)
+    return setup
+
+
+def _paper_pickle_with(name: str = "paper.pth", raw_args: Optional[bytes] = None, **body):
+    """A legacy-format paper pickle (default flags, no weights) with ``body``'s entries; ``raw_args``: the
+    args record replaced by these pickle opcodes."""
+    def setup(tmp, run, monkeypatch):
+        content = {"args": argparse.Namespace(data="cifar10") if raw_args is None else SENTINEL, "state_dict": {}}
+        content.update(body)
+        parts = []
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}, content, []):
+            parts.append(pickle.dumps(part, protocol=2))
+        if raw_args is not None:
+            token = b"X" + len(SENTINEL).to_bytes(4, "little") + SENTINEL.encode()
+            parts[3] = parts[3].replace(token, raw_args)
+        (tmp / name).write_bytes(b"".join(parts))
+    return setup
+
+
+def _legacy_storage_claiming(numel: int, name: str = "paper.pth"):
+    """A legacy-format paper pickle whose one weight's storage record claims ``numel`` floats (the file holds 40
+    bytes): the reader would allocate it before reading the bytes that follow the pickle."""
+    def setup(tmp, run, monkeypatch):
+        import collections
+        import io
+
+        marker = object()
+
+        class Weight:
+            def __reduce__(self):
+                return torch._utils._rebuild_tensor_v2, (marker, 0, (10,), (1,), False, collections.OrderedDict())
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is marker else None
+
+        buf = io.BytesIO()
+        for part in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}):
+            pickle.dump(part, buf, protocol=2)
+        Pickler(buf, protocol=2).dump({"args": argparse.Namespace(data="cifar10"), "state_dict": {"w": Weight()}})
+        pickle.dump(["0"], buf, protocol=2)
+        buf.write(numel.to_bytes(8, "little") + bytes(40))
+        (tmp / name).write_bytes(buf.getvalue())
+    return setup
+
+
+def _bad_rng(rng):
+    return lambda ckpt: ckpt.update(rng=rng)
+
+
+def _tmp_leftover(tmp, run, monkeypatch):
+    (run / "models" / ".tmp-killed.pth").write_bytes(b"half a checkpoint")
+
+
+def _in_place(edit, leftover: bool = True):
+    """Edit run/models/most_recent.pth in place (resuming it trains in that folder), leaving a .tmp file of an
+    interrupted save that the clean-up would remove."""
+    def setup(tmp, run, monkeypatch):
+        _edit_in_place(run / "models" / "most_recent.pth", edit)
+        if leftover:
+            _tmp_leftover(tmp, run, monkeypatch)
+    return setup
+
+
+def _nan_optimizer(ckpt):
+    state = next(iter(ckpt["optimizer"]["state"].values()))
+    state["exp_avg"].view(-1)[0] = float("nan")
+
+
+EVAL_C = ["--resume", "{tmp}/c.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"]
+NEW = ("new", "new/*", "new/models/*")  # a refused --save {tmp}/new is never created
+RUN_ALL = ("run/*", "run/models/*")
+CKPT_CASES = [
+    # 1. the best-5 clean-up deletes only this run's files in this folder, found by name
+    *[Case(f"best-list-escape-{escape}", R + ["--max-iters", "31"], 0, None, unchanged=ELSEWHERE,
+           gone=["run/models/checkpt-0005.pth"], setup=_escaping_best_list(escape))
+      for escape in ("dotdot", "absolute", "symlinked-folder", "symlink")],
+    Case("best-list-of-another-run", R[:1] + ["{tmp}/run/models/most_recent.pth", "--nworkers", "0", "--max-iters", "31",
+                                              "--save", "{tmp}/run2"], 0, None, unchanged=RUN_ALL, setup=_other_run_best),
+    Case("best-list-of-copied-run", ["--resume", "{tmp}/copy/models/most_recent.pth", "--nworkers", "0", "--max-iters", "31"],
+         0, None, unchanged=RUN_ALL, gone=["copy/models/checkpt-0005.pth"], setup=_copied_run),
+    # 2. silently wrong before: another --data, NaN optimizer moments, a damaged byte
+    Case("resume-other-data", RESUME_C + ["--data", "mnist"], 1,
+         r"--data mnist \(checkpoint: digits\) conflicts with the architecture stored in .*c.pth", unchanged=NEW,
+         gone=["new"], setup=_edit_checkpoint("c.pth", lambda c: None)),
+    Case("resume-nan-exp-avg", RESUME_C, 1, r"c.pth: its optimizer state holds NaN or infinite values .*exp_avg",
+         gone=["new"], setup=_edit_checkpoint("c.pth", _nan_optimizer)),
+    Case("evaluate-flipped-weight-byte", EVAL_C, 1, r"c.pth: the file is damaged: Bad CRC-32 for file '.*data/\d+'",
+         gone=["eval"], setup=_flip_byte()),
+    Case("resume-flipped-byte-in-place", R + ["--max-iters", "3"], 1, r"most_recent.pth: the file is damaged: Bad CRC-32",
+         unchanged=RUN_ALL, setup=_flip_byte(name="run/models/most_recent.pth")),
+    Case("paper-checkpoint-flipped-byte", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save",
+                                           "{tmp}/eval"], 1, r"paper.pth: the file is damaged: Bad CRC-32", gone=["eval"],
+         setup=_flip_byte(src=str(REPO / "tests" / "reference" / "legacy" / "checkpoint.pth"), name="paper.pth")),
+    # 3. a refused resume leaves the folder as it was: no logs, no lock file, no clean-up
+    Case("torch-rng-malformed-new-folder", RESUME_C, 1, r"random-number state cannot be restored", gone=["new"],
+         setup=_edit_checkpoint("c.pth", _bad_rng({"torch": torch.zeros(3, dtype=torch.uint8)}))),
+    Case("python-rng-malformed-in-place", R + ["--max-iters", "3"], 1, r"random-number state cannot be restored",
+         unchanged=RUN_ALL + ("run/models/.tmp-*",), setup=_in_place(lambda c: c["rng"].update(python=(3, [1, 2, 3], None)))),
+    Case("per-rank-rng-malformed-in-place", R + ["--max-iters", "3"], 1, r"random-number state cannot be restored",
+         unchanged=RUN_ALL + ("run/models/.tmp-*",), setup=_in_place(lambda c: c.update(rng={"per_rank": [c["rng"], {"torch": "x"}]}))),
+    Case("evaluate-missing-data-creates-nothing", EVAL_C + ["--dataroot", "{tmp}/nodata"], 1, r"(?i)mnist", gone=["eval"],
+         setup=_edit_checkpoint("c.pth", lambda c: c["config"].update(data="mnist", imagesize=8))),
+    Case("resume-missing-data-creates-nothing", RESUME_C + ["--dataroot", "{tmp}/nodata"], 1, r"(?i)mnist", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c["config"].update(data="mnist", imagesize=8))),
+    # 6. crafted structures and numbers: one line before any of it is used
+    Case("model-config-200000-deep-dict", EVAL_C, 1, r"c.pth: damaged or crafted checkpoint: it is nested more than \d+ levels",
+         gone=["eval"], setup=_deep_checkpoint("model_config.nblocks", "dict")),
+    Case("nblocks-200000-nested-lists", EVAL_C, 1, r"c.pth: damaged or crafted checkpoint: it is nested more than \d+ levels",
+         gone=["eval"], setup=_deep_checkpoint("model_config.nblocks", "list")),
+    Case("step-1e30-other-world-size", RESUME_C, 1, r"c.pth: damaged or crafted checkpoint: it holds an integer of 100 bits at step",
+         gone=["new"], setup=_edit_checkpoint("c.pth", lambda c: c.update(step=10**30, rng={"per_rank": [c["rng"]] * 3}))),
+    Case("step-1e13", RESUME_C, 1, r"c.pth: damaged checkpoint \(its step counter is 10000000000000, not an integer in",
+         gone=["new"], setup=_edit_checkpoint("c.pth", lambda c: c.update(step=10**13))),
+    Case("best-score-nan", RESUME_C, 1, r"list of best checkpoints is malformed", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[[float("nan"), 0, "checkpt-0000.pth"]]))),
+    Case("best-epoch-repeated", RESUME_C, 1, r"list of best checkpoints names epochs \[0, 0\], repeated or not before", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch=3, best=[[1.0, 0, "a"], [2.0, 0, "b"]]))),
+    Case("best-epoch-in-the-future", RESUME_C, 1, r"names epochs \[7\], repeated or not before its epoch 0", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(best=[[1.0, 7, "checkpt-0007.pth"]]))),
+    Case("fc-idim-1e12", EVAL_C, 1, r"c.pth: cannot rebuild its model \(.*overflow", gone=["eval"],
+         setup=_edit_checkpoint("c.pth", _set_config(fc_idim=10**12))),
+    Case("config-integer-key", EVAL_C, 1, r"its 'config' has a key that is not a setting name: 7", gone=["eval"],
+         setup=_edit_checkpoint("c.pth", lambda c: c["config"].update({7: 1}))),
+    Case("paper-test-bpd-1e400", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"paper.pth: it holds an integer of 1329 bits at test_bpd", gone=["eval"], setup=_paper_pickle_with(test_bpd=10**400)),
+    Case("paper-test-bpd-inf", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"paper.pth: its test_bpd is not a finite number \(inf\)", gone=["eval"],
+         setup=_paper_pickle_with(test_bpd=float("inf"))),
+    Case("paper-args-integer-keys", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"paper.pth: its 'args' record has a key that is not a flag name \(1\)", gone=["eval"],
+         setup=_paper_pickle_with(args={1: 2, "data": "cifar10"})),
+    Case("paper-args-200000-deep", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save", "{tmp}/eval"], 1,
+         r"paper.pth: it is nested more than \d+ levels deep", gone=["eval"], setup=_paper_pickle_with(raw_args=_deep("list"))),
+    Case("format-version-string", EVAL_C, 1, r"c.pth: damaged checkpoint \(its format_version is 'x', not an integer\)",
+         gone=["eval"], setup=_edit_checkpoint("c.pth", lambda c: c.update(format_version="x"))),
+    Case("epoch-counter-none", RESUME_C, 1, r"c.pth: damaged checkpoint \(no epoch counter\)", gone=["new"],
+         setup=_edit_checkpoint("c.pth", lambda c: c.update(epoch=None))),
+    Case("resume-finished-run-changes-nothing", R + ["--max-iters", "2"], 0, None, unchanged=RUN_ALL + ("run/models/.tmp-*",),
+         setup=_tmp_leftover, stdout=r"already reached --max-iters 2 \(step 2\); nothing to do"),
+    Case("paper-legacy-storage-claims-4-tb", ["--resume", "{tmp}/paper.pth", "--evaluate", "--nworkers", "0", "--save",
+                                              "{tmp}/eval"], 1,
+         r"paper.pth: storage 0 claims 4000000000000 bytes, more than the whole file holds", gone=["eval"],
+         setup=_legacy_storage_claiming(10**12)),
+    # 6b. a zip bomb is refused from its directory, before anything is inflated
+    Case("zip-bomb", EVAL_C, 1, r"c.pth: its zip entries declare 100 MiB in a 0.\d\d MiB file \(a zip bomb\?\)", gone=["eval"],
+         setup=_zip_bomb()),
+]
+
+
+@pytest.mark.parametrize("case", CKPT_CASES, ids=[c.id for c in CKPT_CASES])
+def test_bad_checkpoint_input(case: Case, trained, tmp_path, monkeypatch, capsys):
+    _outside_files(tmp_path)
+    test_bad_input(case, trained, tmp_path, monkeypatch, capsys)
+
+
+def test_clean_up_removes_only_own_regular_files(tmp_path):
+    """remove_own_file / remove_leftovers: bare names of this run's scheme, regular files directly in the
+    folder, never through a symlink (a file's or the folder's), never a path."""
+    from resflows.entry import remove_leftovers, remove_own_file
+
+    _outside_files(tmp_path)
+    models = tmp_path / "run" / "models"
+    models.mkdir(parents=True)
+    for name in ("checkpt-0001.pth", "checkpt-0002.pth", "checkpt-final.pth", "checkpt-12.pth", ".tmp-x.pth", "notes.txt"):
+        (models / name).write_text(name)
+    (models / "checkpt-0003.pth").symlink_to(tmp_path / "elsewhere" / "thesis.tex")
+    (models / "checkpt-0004.pth").mkdir()
+    linked = tmp_path / "run2" / "models"
+    linked.parent.mkdir()
+    linked.symlink_to(models, target_is_directory=True)
+    before = _digest((tmp_path / "elsewhere").glob("*"))
+    for bad in ("../../elsewhere/thesis.tex", str(tmp_path / "elsewhere" / "abs.txt"), "..", "", "checkpt-0003.pth",
+                "checkpt-0004.pth"):
+        assert remove_own_file(str(models), bad) is False, bad
+    assert remove_own_file(str(linked), "checkpt-0001.pth") is False  # through a symlinked folder
+    remove_leftovers([str(linked)], keep_checkpoints=[])  # nothing through a symlinked folder either
+    assert (models / "checkpt-0001.pth").exists() and (models / ".tmp-x.pth").exists()
+    remove_leftovers([str(models)], keep_checkpoints=["checkpt-0002.pth"])
+    assert sorted(os.listdir(models)) == sorted(["checkpt-0002.pth", "checkpt-0003.pth", "checkpt-0004.pth",
+                                                 "checkpt-final.pth", "checkpt-12.pth", "notes.txt"])
+    assert _digest((tmp_path / "elsewhere").glob("*")) == before
+
+
+def test_sigkill_between_a_new_best_and_deleting_the_one_it_displaced(trained, tmp_path):
+    """SIGKILL after a new best and most_recent.pth are written but before the displaced best file is removed:
+    resuming removes exactly that file (by name, in this folder) and trains on."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    models = run / "models"
+    entries = []
+    for e in range(1, 6):
+        shutil.copy(models / "most_recent.pth", models / f"checkpt-{e:04d}.pth")
+        entries.append((1e6 + e, e, f"checkpt-{e:04d}.pth"))
+    _edit_in_place(models / "most_recent.pth", _best_list(entries))
+    code = ("import os, signal, sys; import resflows.trainer as t; "
+            "t.remove_own_file = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+            "import train_img; sys.exit(train_img.main(sys.argv[1:]))")
+    argv = ["--resume", str(models / "most_recent.pth"), "--nworkers", "0"]
+    p = subprocess.run([sys.executable, "-c", code] + argv + ["--max-iters", "31"], capture_output=True, text=True,
+                       cwd=REPO, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO), "RESFLOWS_OFFLINE": "1"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (models / "checkpt-0006.pth").exists() and (models / "checkpt-0005.pth").exists()
+    assert sorted(b[1] for b in torch.load(models / "most_recent.pth", weights_only=True)["best"]) == [1, 2, 3, 4, 6]
+    assert train_img.main(argv + ["--max-iters", "32"]) == 0
+    assert sorted(n for n in os.listdir(models) if n.startswith("checkpt-")) == [f"checkpt-{e:04d}.pth" for e in (1, 2, 3, 4, 6)]

@@ -150,3 +150,162 @@ def test_value_checks_stay_out_of_the_training_step(monkeypatch, tmp_path):
     trainer.model.check_values = True
     trainer.model.transform(x)
     assert calls == [1]
+
+
+# -- load_model and load_toy_model: bad arguments and bad files --------------------------------------------------
+# Bad arguments raise ValueError naming the argument; a bad file raises resflows.CheckpointError with one line
+# naming the file, never a raw torch error or a model with non-finite weights.
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Dict[str, str]:
+    """An image checkpoint (ours) and a train_toy.py checkpoint, both tiny, written once."""
+    from resflows.checkpoint import rng_state, save_checkpoint
+    from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
+
+    folder = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    model = ResidualFlow(ModelConfig(input_size=(1, 8, 8), nblocks=(1,), idim=4, fc_end=False, actnorm=False))
+    image = str(folder / "image.pth")
+    save_checkpoint(image, {
+        "config": resflows.TrainConfig(data="digits", nblocks="1", idim=4, fc_end=False, actnorm=False).to_dict(),
+        "model_config": model.config.to_dict(), "model": model.state_dict(), "ema": model.state_dict(),
+        "optimizer": torch.optim.Adam(model.parameters()).state_dict(), "scheduler": None, "epoch": 0, "itr": 0,
+        "best_test_bpd": None, "last_test_bpd": None, "rng": rng_state()})
+    cfg = ToyConfig(nblocks=1, dims=(4,), batch_size=4, test_batch_size=4, save=str(folder))
+    trainer = ToyTrainer(cfg, build_toy_model(cfg), torch.device("cpu"), str(folder))
+    toy = trainer.save("toy.pth")
+    from tests.conftest import REFERENCE
+
+    return {"image": image, "toy": toy, "folder": str(folder), "paper": str(REFERENCE / "legacy" / "checkpoint.pth")}
+
+
+def _variant(files, which: str, edit: Callable[[dict], None], name: str) -> str:
+    ckpt = torch.load(files[which], weights_only=True)
+    edit(ckpt)
+    path = f"{files['folder']}/{name}"
+    torch.save(ckpt, path)
+    return path
+
+
+def _flipped(files, which: str) -> str:
+    import zipfile
+
+    data = bytearray(open(files[which], "rb").read())
+    with zipfile.ZipFile(files[which]) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    head = info.header_offset
+    start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(data[head + 28:head + 30], "little")
+    data[start + info.file_size // 2] ^= 0x10
+    path = f"{files['folder']}/flipped-{which}.pth"
+    open(path, "wb").write(bytes(data))
+    return path
+
+
+def _bomb(files) -> str:
+    import zipfile
+
+    path = f"{files['folder']}/bomb.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        zf.writestr("archive/data/0", bytes(64 << 20))
+    return path
+
+
+def _toy_nan(c):
+    next(iter(c["model"].values())).view(-1)[0] = float("nan")
+
+
+def _toy_set(**values):
+    return lambda c: c["config"].update(values)
+
+
+class FileCase(NamedTuple):
+    call: Callable[[Dict[str, str]], object]
+    error: type
+    message: str  # regex searched in the message
+
+
+def _load(path, **kw):
+    return resflows.load_model(path, **kw)
+
+
+def _toy(path):
+    from resflows.toy import load_toy_model
+
+    return load_toy_model(path)
+
+
+def _paper(path):
+    from resflows.legacy import load_paper_checkpoint  # NotACheckpointError is a ValueError
+
+    return load_paper_checkpoint(path)
+
+
+FILE_CASES = {
+    # load_model's arguments
+    "load_model: path None": FileCase(lambda f: _load(None), ValueError, r"path must be a checkpoint file name .* got NoneType"),
+    "load_model: path an int": FileCase(lambda f: _load(3), ValueError, r"path must be a checkpoint file name"),
+    "load_model: path empty": FileCase(lambda f: _load(""), ValueError, r"path must be a non-empty checkpoint file name"),
+    "load_model: ema 'yes'": FileCase(lambda f: _load(f["image"], ema="yes"), ValueError, r"ema must be True or False, got 'yes'"),
+    "load_model: map_location 'banana'": FileCase(lambda f: _load(f["image"], map_location="banana"), ValueError,
+                                                  r"map_location must be a device such as 'cpu' or 'cuda:0', got 'banana'"),
+    "load_model: map_location 3.5": FileCase(lambda f: _load(f["image"], map_location=3.5), ValueError,
+                                             r"map_location must be a device .* got float"),
+    "load_model: map_location cuda:99": FileCase(lambda f: _load(f["image"], map_location="cuda:99"), ValueError,
+                                                 r"map_location 'cuda:99': (no CUDA GPU|only \d+ CUDA device)"),
+    # load_model's files
+    "load_model: a folder": FileCase(lambda f: _load(f["folder"]), resflows.CheckpointError, r"is a folder, not a checkpoint file"),
+    "load_model: a toy checkpoint": FileCase(lambda f: _load(f["toy"]), resflows.CheckpointError,
+                                             r"a train_toy.py checkpoint; load it with resflows.toy.load_toy_model"),
+    "load_model: ema=True without EMA": FileCase(
+        lambda f: _load(_variant(f, "image", lambda c: c.update(ema=None), "no-ema.pth"), ema=True),
+        resflows.CheckpointError, r"no-ema.pth: has no EMA weights; load it with ema=False"),
+    "load_model: a flipped byte": FileCase(lambda f: _load(_flipped(f, "image")), resflows.CheckpointError,
+                                           r"flipped-image.pth: the file is damaged: Bad CRC-32"),
+    "load_model: a zip bomb": FileCase(lambda f: _load(_bomb(f)), resflows.CheckpointError, r"bomb.pth: .*\(a zip bomb\?\)"),
+    "load_model: NaN in the optimizer state": FileCase(
+        lambda f: _load(_variant(f, "image", lambda c: c["optimizer"].update(state={0: {"exp_avg": torch.tensor([float("nan")]),
+                                                                                        "step": torch.tensor(1.0)}}),
+                                 "nan-opt.pth")),
+        resflows.CheckpointError, r"nan-opt.pth: its optimizer state holds NaN"),
+    # load_toy_model
+    "load_toy_model: NaN weights": FileCase(lambda f: _toy(_variant(f, "toy", _toy_nan, "toy-nan.pth")),
+                                            resflows.CheckpointError, r"toy-nan.pth: its model weights hold NaN or infinite"),
+    "load_toy_model: no weights": FileCase(lambda f: _toy(_variant(f, "toy", lambda c: c.pop("model"), "toy-nomodel.pth")),
+                                           resflows.CheckpointError, r"toy-nomodel.pth: damaged train_toy.py checkpoint \(no 'model'\)"),
+    "load_toy_model: a weight missing": FileCase(
+        lambda f: _toy(_variant(f, "toy", lambda c: c["model"].pop(next(iter(c["model"]))), "toy-missing.pth")),
+        resflows.CheckpointError, r"toy-missing.pth: its weights do not fit .*1 missing"),
+    "load_toy_model: nblocks 10^8": FileCase(lambda f: _toy(_variant(f, "toy", _toy_set(nblocks=10**8), "toy-1e8.pth")),
+                                             resflows.CheckpointError, r"toy-1e8.pth: its settings ask for 100000000 blocks"),
+    "load_toy_model: dims 10^12": FileCase(lambda f: _toy(_variant(f, "toy", _toy_set(dims=[10**12]), "toy-wide.pth")),
+                                           resflows.CheckpointError, r"toy-wide.pth: (cannot rebuild its model|its weights do not fit)"),
+    "load_toy_model: bad config": FileCase(lambda f: _toy(_variant(f, "toy", _toy_set(coeff=3.0), "toy-coeff.pth")),
+                                           resflows.CheckpointError, r"toy-coeff.pth: its stored settings are invalid: --coeff"),
+    "load_toy_model: itr 10^30": FileCase(lambda f: _toy(_variant(f, "toy", lambda c: c.update(itr=10**30), "toy-itr.pth")),
+                                          resflows.CheckpointError, r"toy-itr.pth: damaged or crafted checkpoint: .*integer of 100 bits"),
+    "load_toy_model: a flipped byte": FileCase(lambda f: _toy(_flipped(f, "toy")), resflows.CheckpointError,
+                                               r"flipped-toy.pth: .*Bad CRC-32"),
+    "load_toy_model: a zip bomb": FileCase(lambda f: _toy(_bomb(f)), resflows.CheckpointError, r"bomb.pth: .*zip bomb"),
+    "load_paper_checkpoint: a zip bomb": FileCase(lambda f: _paper(_bomb(f)), ValueError, r"\(a zip bomb\?\); refusing"),
+    "load_paper_checkpoint: a flipped byte": FileCase(lambda f: _paper(_flipped(f, "paper")), ValueError,
+                                                      r"the file is damaged: Bad CRC-32 for file"),
+    "load_toy_model: an image checkpoint": FileCase(lambda f: _toy(f["image"]), resflows.CheckpointError,
+                                                    r"image.pth: not a train_toy.py checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", list(FILE_CASES))
+def test_bad_checkpoint_argument_or_file_is_one_clear_error(name, files):
+    case = FILE_CASES[name]
+    with pytest.raises(case.error) as info:
+        case.call(files)
+    message = str(info.value)
+    assert re.search(case.message, message), message
+    assert "\n" not in message
+
+
+def test_good_files_still_load(files):
+    from resflows.toy import load_toy_model
+
+    assert not resflows.load_model(files["image"], ema=True, map_location=torch.device("cpu")).training
+    assert not load_toy_model(files["toy"]).training

@@ -15,7 +15,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_save
+from ..checkpoint import CheckpointError, NonFiniteError, atomic_save, nonfinite_tensors
+from ..flags import ConfigError
 from ..layers.lipschitz import norm_order_gradients
 from ..layers.power import TOY_VALIDATION_ITERATIONS
 from ..losses import standard_normal_logprob
@@ -233,21 +234,85 @@ class ToyTrainer:
 # Reading checkpoints back
 # ------------------------------------------------------------------------------------------------
 def load_toy_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """A ``train_toy.py`` checkpoint as a dict (``torch.load(weights_only=True)``)."""
+    """A ``train_toy.py`` checkpoint as a dict (``torch.load(weights_only=True)``), checked before any of it
+    is used: the zip archive (declared sizes, CRC-32s), the structure (depth, key and value types), the
+    config (the command line's rules), the counters, and that the weights and optimiser state are finite
+    named tensors. Anything wrong is a :class:`CheckpointError` naming the file."""
+    import zipfile
+
+    from ..legacy import NotACheckpointError, check_structure, check_zip_archive
+
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise NotACheckpointError("it is not a torch zip archive (truncated, or not a checkpoint)")
+        check_zip_archive(path)
+    except NotACheckpointError as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from None
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line message
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != TOY_FORMAT:
         raise CheckpointError(f"{path}: not a train_toy.py checkpoint")
+    try:
+        check_structure(ckpt)
+    except NotACheckpointError as e:
+        raise CheckpointError(f"{path}: damaged or crafted checkpoint: {e}") from None
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: damaged train_toy.py checkpoint (no {key!r})")
+    if not isinstance(ckpt["config"], dict) or not all(isinstance(k, str) for k in ckpt["config"]):
+        raise CheckpointError(f"{path}: damaged checkpoint (its 'config' is not a dict of settings)")
+    try:
+        ckpt["config"] = ToyConfig.from_dict(ckpt["config"]).to_dict()
+    except (ConfigError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: its stored settings are invalid: {e}") from None
+    itr = ckpt.get("itr")
+    if itr is not None and (not isinstance(itr, int) or isinstance(itr, bool) or not 0 <= itr <= 10**12):
+        raise CheckpointError(f"{path}: damaged checkpoint (its itr counter is {itr!r:.40}, not an integer in [0, 10^12])")
+    sd = ckpt["model"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: damaged checkpoint (its 'model' weights are not a dict of named tensors)")
+    for what, obj in (("model weights", sd), ("optimizer state", ckpt.get("optimizer"))):
+        bad = nonfinite_tensors(obj) if obj is not None else []
+        if bad:
+            raise NonFiniteError(f"{path}: its {what} hold NaN or infinite values ({len(bad)} tensor(s), first: "
+                                 f"{bad[0]}); use an earlier checkpoint")
     return ckpt
 
 
 def load_toy_model(path: str, map_location: Any = "cpu") -> ToyFlow:
-    """The model of a ``train_toy.py`` checkpoint, rebuilt from its config, in evaluation mode."""
+    """The model of a ``train_toy.py`` checkpoint, rebuilt from its config, in evaluation mode.
+
+    The weights are compared key by key and shape by shape with the model the config describes, built on
+    the ``meta`` device (after a count that rejects absurd block numbers), before the model is built."""
     ckpt = load_toy_checkpoint(path, map_location)
-    model = build_toy_model(ToyConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"], strict=True)
+    cfg = ToyConfig.from_dict(ckpt["config"])
+    sd = ckpt["model"]
+    blocks = cfg.nblocks * (2 if cfg.arch == "realnvp" else 1)
+    if blocks > len(sd):  # every block owns at least one tensor
+        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(sd)} weight tensors; "
+                              f"the file is damaged")
+    try:
+        with torch.device("meta"):
+            reference = build_toy_model(cfg).state_dict()
+    except (ConfigError, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
+    missing = [k for k in reference if k not in sd]
+    unexpected = [k for k in sd if k not in reference]
+    wrong = [k for k in reference if k in sd and tuple(sd[k].shape) != tuple(reference[k].shape)]
+    if missing or unexpected or wrong:
+        first = (f"{len(missing)} missing, e.g. {missing[0]}" if missing else
+                 f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
+                 f"{len(wrong)} of the wrong shape, e.g. {wrong[0]}: {list(sd[wrong[0]].shape)} in the file, "
+                 f"{list(reference[wrong[0]].shape)} in the model")
+        raise CheckpointError(f"{path}: its weights do not fit the architecture its settings describe ({first})")
+    model = build_toy_model(cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        detail = "; ".join(s.strip() for s in str(e).strip().splitlines()[:2])
+        raise CheckpointError(f"{path}: its weights do not fit this architecture ({detail})") from None
     return model.to(map_location).eval()
