@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, nonfinite_tensors, rng_state, save_chec
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed, rank_seed
 from .entry import best_checkpoint_name, remove_own_file
-from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
+from .evaluation import evaluate, image_shape, prepare_for_eval
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .loaders import RunData, build_data
