@@ -326,15 +326,17 @@ class Trainer:
                     p.grad.mul_(self.cfg.update_freq / n_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         # One tiny collective: every rank agrees on skipping and on stopping.
-        flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
+        # Built on the device (a host-built tensor would be copied over, and isfinite read back, each a sync).
+        stop = torch.full((), 1.0 if self.stop_signal else 0.0, device=self.device)
+        flags = torch.stack([(~torch.isfinite(grad_norm)).to(stop.dtype), stop])
         if is_distributed():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         # Decide on the agreed value only: a signal arriving after this point waits for the next step,
         # otherwise one rank could stop (and enter save's collectives) while another trains on.
-        self.stop_now = bool(flags[1] > 0)
+        skip, self.stop_now = (flags > 0).tolist()  # the step's one read of the device
         if self.stop_now and not self.stop_signal:
             self.stop_signal = "a stop signal on another rank"
-        if flags[0] > 0:
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             logger.warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", self.itr, self.nonfinite_in_a_row)

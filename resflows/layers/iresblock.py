@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import linearize
-from .base import FlowLayer
+from .base import FlowLayer, HostCopy
 from .jacobian import batch_jacobian, logabsdet
 
 Tensor = torch.Tensor
@@ -263,25 +263,32 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         self.last_inverse_iters = 0
         self._linearizable: Optional[bool] = None
         self.use_linearize = True  # False forces the generic autograd path (used to cross-check it)
+        self._p_host, self._lamb_host = HostCopy(), HostCopy()  # read once per value, not per step (GPU sync)
         self.register_buffer("last_n_samples", torch.zeros(n_samples))
         self.register_buffer("last_firmom", torch.zeros(1))
         self.register_buffer("last_secmom", torch.zeros(1))
 
     # -- truncation ----------------------------------------------------------------------------
+    def _geom_p_value(self) -> float:
+        return self._p_host.get(self.geom_p, lambda t: float(torch.sigmoid(t.detach())))
+
+    def _lamb_value(self) -> float:
+        return self._lamb_host.get(self.lamb, lambda t: float(t.detach()))
+
     def _tail(self) -> Callable[[int], float]:
         if self.n_dist == "geometric":
-            p = float(torch.sigmoid(self.geom_p.detach()))
+            p = self._geom_p_value()
             return lambda k: geometric_tail(p, k)
-        lamb = float(self.lamb.detach())
+        lamb = self._lamb_value()
         return lambda k: poisson_tail(lamb, k)
 
     def _draw(self) -> List[int]:
         n = self.n_samples
         if self.n_dist == "geometric":
-            p = float(torch.sigmoid(self.geom_p.detach()))
+            p = self._geom_p_value()
             draws = torch.empty(n, dtype=torch.float64).geometric_(p, generator=self.generator)
         else:
-            draws = torch.poisson(torch.full((n,), float(self.lamb.detach()), dtype=torch.float64), generator=self.generator)
+            draws = torch.poisson(torch.full((n,), self._lamb_value(), dtype=torch.float64), generator=self.generator)
         return [int(d) for d in draws.tolist()]
 
     def series_plan(self) -> Tuple[List[float], Optional[List[int]]]:
@@ -387,7 +394,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
     @torch.no_grad()
     def _record(self, estimate: Tensor, draws: Optional[List[int]]) -> None:
         if draws is not None:
-            self.last_n_samples.copy_(torch.tensor(draws, dtype=self.last_n_samples.dtype))
+            # non_blocking: from host memory, a blocking copy to a GPU would wait for the device
+            self.last_n_samples.copy_(torch.tensor(draws, dtype=self.last_n_samples.dtype), non_blocking=True)
         self.last_firmom.copy_(estimate.mean().reshape(1).to(self.last_firmom))
         self.last_secmom.copy_((estimate**2).mean().reshape(1).to(self.last_secmom))
 
