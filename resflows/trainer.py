@@ -47,6 +47,15 @@ VIS_SEED_OFFSET = 12345  # the fixed latents of the visualisation grid: a stream
 VIS_IMAGES = 8  # images per row of the visualisation grid (real, samples, reconstructions)
 
 
+def _check_compile(device: torch.device) -> None:
+    from .layers.compiled import CompileUnavailable, check_compile_available
+
+    try:
+        check_compile_available(device)
+    except CompileUnavailable as e:
+        raise TrainingError(f"--compile True cannot work here: {e}; run with --compile False") from None
+
+
 class Trainer:
     """One training run for ``train_img.py``, complete once constructed.
 
@@ -59,6 +68,8 @@ class Trainer:
                  ckpt: Optional[Dict[str, Any]] = None, ckpt_path: str = "the checkpoint", data: Optional[RunData] = None):
         self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
         self.device = dist_info.device
+        if cfg.compile:
+            _check_compile(self.device)
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
         self.image_shape = image_shape(cfg)
@@ -86,6 +97,8 @@ class Trainer:
         else:
             self._initialize()
         self.ddp = self._wrap()
+        self.compiled = self._compile() if cfg.compile else None  # resflows.layers.compiled.CompiledPasses
+        self.compile_logged = False
 
     @property
     def per_rank_batch(self) -> int:
@@ -104,6 +117,26 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
         return module
+
+    def _compile(self):
+        """--compile: the per-block training passes through torch.compile (compiled at the first step)."""
+        from .layers import compiled
+
+        passes, blocks, eager = compiled.enable(self.model)
+        logger.info("--compile: %d residual block(s) run compiled (primal pass, vector-Jacobian product, forward-mode "
+                    "pass and its backward); graphs are built at the first step", len(blocks))
+        for reason, n in eager.items():
+            logger.info("--compile: %d block(s) stay eager: %s", n, reason)
+        return passes
+
+    def _log_compile(self) -> None:
+        """After the first step: what compiling cost (a resume reads inductor's on-disk cache and is faster)."""
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        from .layers.compiled import compile_report
+
+        self.compile_logged = True
+        logger.info("%s (inductor's cache: %s)", compile_report(self.compiled), cache_dir())
 
     @torch.no_grad()
     def _initialize(self) -> None:
@@ -279,6 +312,8 @@ class Trainer:
             apply = (len(accum) + 1) % cfg.update_freq == 0 or last_of_epoch
             accum.append(self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device), sync=apply,
                                                n_accum=cfg.update_freq))
+            if self.compiled is not None and not self.compile_logged:
+                self._log_compile()
             self.itr += 1
             self.batch_in_epoch += 1
             if not apply:

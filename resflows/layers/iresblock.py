@@ -160,9 +160,10 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: "iResBlock", x: Tensor, v: Tensor, weights: List[float], *params: Tensor):
-        g, tape = linearize.primal(block.nnet, x)
-        estimate, nv = _series(lambda w: linearize.tape_vjp(tape, w), v, weights, neumann=True)
-        ctx.block, ctx.tape = block, linearize.strip_tape(tape)
+        passes = block.passes
+        g, tape = passes.primal(block.nnet, x)
+        estimate, nv = _series(lambda w: passes.tape_vjp(tape, w), v, weights, neumann=True)
+        ctx.block, ctx.tape = block, passes.strip_tape(tape)
         ctx.save_for_backward(x, v, nv)
         return g, estimate
 
@@ -172,7 +173,7 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
         params = [p for p in ctx.block.nnet.parameters() if p.requires_grad]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            g, jv = linearize.dual(ctx.block.nnet, x_, v, ctx.tape)
+            g, jv = ctx.block.passes.dual(ctx.block.nnet, x_, v, ctx.tape)
             total = (g * grad_g).sum() + (nv * _bcast(grad_logdet, nv) * jv).sum()
             grads = torch.autograd.grad(total, [x_] + params, allow_unused=True)
         ctx.tape = None
@@ -263,6 +264,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         self.last_inverse_iters = 0
         self._linearizable: Optional[bool] = None
         self.use_linearize = True  # False forces the generic autograd path (used to cross-check it)
+        # The linearised training passes compiled (resflows.layers.compiled, --compile); None: eager.
+        self.compiled_passes = None
         self._p_host, self._lamb_host = HostCopy(), HostCopy()  # read once per value, not per step (GPU sync)
         self.register_buffer("last_n_samples", torch.zeros(n_samples))
         self.register_buffer("last_firmom", torch.zeros(1))
@@ -344,6 +347,11 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         if self._linearizable is None:
             self._linearizable = linearize.supports(self.nnet)
         return self._linearizable and self.use_linearize
+
+    @property
+    def passes(self):
+        """primal / tape_vjp / dual / strip_tape of the default training path: compiled, or linearize's."""
+        return linearize if self.compiled_passes is None else self.compiled_passes
 
     def _estimate_no_graph(self, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tuple[Tensor, Tensor]:
         if self.linearizable:
