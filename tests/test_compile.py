@@ -110,7 +110,7 @@ def test_eager_checkpoint_resumes_compiled(tmp_path, capsys):
     import train_img
     from resflows.checkpoint import read_checkpoint
 
-    common = ["--data", "digits", "--nblocks", "2", "--idim", "8", "--fc-idim", "8", "--fc-nblocks", "1", "--batchsize", "8",
+    common = ["--data", "digits", "--nblocks", "2", "--idim", "8", "--fc-idim", "8", "--batchsize", "8",
               "--nworkers", "0", "--seed", "3", "--vis-freq", "1000", "--print-freq", "1"]
     assert train_img.main(common + ["--max-iters", "2", "--save", str(tmp_path / "a")]) == 0
     src = tmp_path / "a" / "models" / "most_recent.pth"
