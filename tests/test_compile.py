@@ -122,9 +122,15 @@ def test_eager_checkpoint_resumes_compiled(tmp_path, capsys):
     comp = read_checkpoint(str(tmp_path / "compiled" / "models" / "most_recent.pth"))
     assert comp["config"]["compile"] is True and eager["config"]["compile"] is False and comp["step"] == 4
     assert list(comp["model"]) == list(eager["model"]) == list(read_checkpoint(str(src))["model"])
+    worse = {}
     for k, v in eager["model"].items():
         if v.is_floating_point():
-            assert _rel(comp["model"][k].double(), v.double()) < 1e-5, k
+            # The last step's estimator moments are means of small log-dets (~3e-4 a block): 3e-5 relative apart
+            # (measured) from float32 summation order alone; every weight and buffer else is within 1e-5.
+            tol = 1e-4 if k.endswith(("last_firmom", "last_secmom")) else 1e-5
+            if _rel(comp["model"][k].double(), v.double()) >= tol:
+                worse[k] = _rel(comp["model"][k].double(), v.double())
+    assert not worse, worse
     log = (tmp_path / "compiled" / "logs").read_text()
     assert re.search(r"compiled \d+ graphs in [\d.]+ s", log), log[-2000:]
     # And back: the compiled run's checkpoint resumes eager.
