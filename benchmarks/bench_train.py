@@ -69,6 +69,7 @@ def child(args) -> None:
     cfg = train_config(args.config, n_power_series=args.terms, seed=0, **MODES[args.mode])
     if args.batch:
         cfg.batchsize = args.batch
+    cfg.compile = args.compile
     trainer, x, y = bench_trainer(cfg, device)
     base = rss_mb()
     if device.type == "cuda":
@@ -84,7 +85,11 @@ def child(args) -> None:
         times.append(time.perf_counter() - t0)
     steps = times[args.warmup:]
     out = {"median_s": statistics.median(steps), "min_s": min(steps), "max_s": max(steps),
-           "images_per_s": cfg.batchsize / statistics.median(steps), "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+           "images_per_s": cfg.batchsize / statistics.median(steps), "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb(),
+           "first_step_s": times[0]}
+    compiled = getattr(trainer, "compiled", None)
+    if compiled is not None:  # --compile: graphs built and the time spent building them (all in the first step)
+        out.update(compile_s=compiled.seconds, graphs=compiled.graphs)
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -126,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int_at_least(1), default=None, help="override the configuration's batch size")
     p.add_argument("--steps", type=int_at_least(1), default=7)
     p.add_argument("--warmup", type=int_at_least(0), default=2)
+    p.add_argument("--compile", action="store_true", help="train with --compile True (see bench_compile.py)")
     args = parse_bench_args(p, argv, "bench_train.json")
     if args.child:
         args.config, args.mode = args.config[0], args.mode[0]
@@ -138,9 +144,9 @@ def main(argv=None) -> int:
     for config, mode, terms in jobs:
         extra = ["--config", config, "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
                  "--device", args.device] + (["--terms", str(terms)] if terms else []) \
-                 + (["--batch", str(args.batch)] if args.batch else [])
+                 + (["--batch", str(args.batch)] if args.batch else []) + (["--compile"] if args.compile else [])
         res = run_child(os.path.abspath(__file__), extra)
-        row = {"config": config, "mode": mode, "terms": terms or "unbiased", **res}
+        row = {"config": config, "mode": mode, "terms": terms or "unbiased", **({"compile": True} if args.compile else {}), **res}
         rows.append(row)
         shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k != "bug_report"}
         print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)

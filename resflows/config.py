@@ -329,6 +329,10 @@ class TrainConfig:
     inverse: str = flag("fixed-point", "how samples and reconstructions invert each residual block: the paper's fixed-point "
                         "iteration, or Anderson acceleration (same stopping rule, fewer network evaluations)",
                         choices=("fixed-point", "anderson"), run=True)
+    # ours: the default training path's per-block passes through torch.compile (resflows/layers/compiled.py);
+    # stored with the run, changeable on --resume (checkpoints are the same either way)
+    compile: bool = flag(False, "compile each residual block's training passes with torch.compile (inductor: a C++ "
+                         "compiler on CPU, Triton on GPU); estimators that need a double backward stay eager")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -343,7 +347,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        """From ``to_dict()``; keys that are not fields (such as ``compile``, written by older versions) are ignored."""
+        """From ``to_dict()``; keys that are not fields (written by other versions) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

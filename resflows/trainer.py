@@ -50,6 +50,15 @@ VIS_SEED_OFFSET = 12345  # the fixed latents of the visualisation grid: a stream
 VIS_IMAGES = 8  # images per row of the visualisation grid (real, samples, reconstructions)
 
 
+def _check_compile(device: torch.device) -> None:
+    from .layers.compiled import CompileUnavailable, check_compile_available
+
+    try:
+        check_compile_available(device)
+    except CompileUnavailable as e:
+        raise TrainingError(f"--compile True cannot work here: {e}; run with --compile False") from None
+
+
 class Trainer:
     """One training run for ``train_img.py``, complete once constructed.
 
@@ -62,6 +71,8 @@ class Trainer:
                  ckpt: Optional[Dict[str, Any]] = None, ckpt_path: str = "the checkpoint", data: Optional[RunData] = None):
         self.cfg, self.dist, self.save_dir = cfg, dist_info, save_dir
         self.device = dist_info.device
+        if cfg.compile:
+            _check_compile(self.device)
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
         self.image_shape = image_shape(cfg)
@@ -91,6 +102,8 @@ class Trainer:
         else:
             self._initialize()
         self.ddp = self._wrap()
+        self.compiled = self._compile() if cfg.compile else None  # resflows.layers.compiled.CompiledPasses
+        self.compile_logged = False
 
     @property
     def per_rank_batch(self) -> int:
@@ -113,6 +126,26 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
         return module
+
+    def _compile(self):
+        """--compile: the per-block training passes through torch.compile (compiled at the first step)."""
+        from .layers import compiled
+
+        passes, blocks, eager = compiled.enable(self.model)
+        logger.info("--compile: %d residual block(s) run compiled (primal pass, vector-Jacobian product, forward-mode "
+                    "pass and its backward); graphs are built at the first step", len(blocks))
+        for reason, n in eager.items():
+            logger.info("--compile: %d block(s) stay eager: %s", n, reason)
+        return passes
+
+    def _log_compile(self) -> None:
+        """After the first step: what compiling cost (a resume reads inductor's on-disk cache and is faster)."""
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        from .layers.compiled import compile_report
+
+        self.compile_logged = True
+        logger.info("%s (inductor's cache: %s)", compile_report(self.compiled), cache_dir())
 
     @torch.no_grad()
     def _initialize(self) -> None:
@@ -289,6 +322,8 @@ class Trainer:
             apply = (len(accum) + 1) % cfg.update_freq == 0 or last_of_epoch
             accum.append(self.forward_backward(x.to(self.device, non_blocking=True), y.to(self.device), sync=apply,
                                                n_accum=cfg.update_freq))
+            if self.compiled is not None and not self.compile_logged:
+                self._log_compile()
             self.itr += 1
             self.batch_in_epoch += 1
             if not apply:
@@ -336,15 +371,17 @@ class Trainer:
                     p.grad.mul_(self.cfg.update_freq / n_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
         # One tiny collective: every rank agrees on skipping and on stopping.
-        flags = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0, 1.0 if self.stop_signal else 0.0], device=self.device)
+        # Built on the device (a host-built tensor would be copied over, and isfinite read back, each a sync).
+        stop = torch.full((), 1.0 if self.stop_signal else 0.0, device=self.device)
+        flags = torch.stack([(~torch.isfinite(grad_norm)).to(stop.dtype), stop])
         if is_distributed():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         # Decide on the agreed value only: a signal arriving after this point waits for the next step,
         # otherwise one rank could stop (and enter save's collectives) while another trains on.
-        self.stop_now = bool(flags[1] > 0)
+        skip, self.stop_now = (flags > 0).tolist()  # the step's one read of the device
         if self.stop_now and not self.stop_signal:
             self.stop_signal = "a stop signal on another rank"
-        if flags[0] > 0:
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row = skipped_nonfinite_step(
                 self.nonfinite_in_a_row, self.itr,

@@ -107,11 +107,12 @@ class _LipSwishDual(torch.autograd.Function):
         q = _sigmoid_slope(s)  # s (1 - s)
         d = torch.addcmul(s, bx, q).div_(LIPSWISH_SCALE)  # f'(x)
         r = _lipswish_curvature(s, bx, q)  # 1.1 r
-        gt = gdt * t
-        grad_x = torch.addcmul(gy * d, gt, r, value=float(b) / LIPSWISH_SCALE)  # gy f' + gdt t f'' (f'' = b r)
+        gtr = torch.mul(gdt, t).mul_(r)  # gdt t 1.1 r
+        # gy f' + gdt t f'' (f'' = b r), with b a tensor: a host number would be a device synchronisation
+        grad_x = torch.addcmul(gy * d, gtr, b / LIPSWISH_SCALE)
         grad_t = gdt * d
         # df/db = x^2 q / 1.1 and df'/db = x r: sum(gy x^2 q / 1.1 + gt x r) = x . (gy x q + gt 1.1 r) / 1.1
-        acc = (gy * q).mul_(x).addcmul_(gt, r)
+        acc = (gy * q).mul_(x).add_(gtr)
         grad_b = torch.dot(acc.reshape(-1), x.reshape(-1)) / LIPSWISH_SCALE
         grad_beta = (grad_b * torch.sigmoid(beta)).reshape(beta.shape)  # d softplus / d beta = sigmoid
         return grad_x, grad_t, grad_beta

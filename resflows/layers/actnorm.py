@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .base import FlowLayer
+from .base import FlowLayer, HostCopy
 
 Tensor = torch.Tensor
 
@@ -41,6 +41,7 @@ class ActNormNd(FlowLayer):
         self.weight = nn.Parameter(torch.zeros(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(0))
+        self._initialized_host = HostCopy()  # the flag read once, not in every forward (a GPU synchronisation)
 
     @property
     def shape(self):  # pragma: no cover - interface
@@ -59,14 +60,17 @@ class ActNormNd(FlowLayer):
         self.weight.copy_(-0.5 * torch.log(var))
         self.initialized.fill_(1)
 
+    def is_initialized(self) -> bool:
+        return self._initialized_host.get(self.initialized, lambda t: bool(t))
+
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        if not self.initialized:
+        if not self.is_initialized():
             self._initialize(x)
         y = (x + self.bias.view(*self.shape)) * torch.exp(self.weight.view(*self.shape))
         return y, self._logdet(x)
 
     def inverse(self, y: Tensor) -> Tuple[Tensor, Tensor]:
-        if not self.initialized:
+        if not self.is_initialized():
             raise RuntimeError("ActNorm is not initialised: run a forward pass on data first")
         x = y * torch.exp(-self.weight.view(*self.shape)) - self.bias.view(*self.shape)
         return x, -self._logdet(y)

@@ -20,7 +20,27 @@ import torch.nn as nn
 
 Tensor = torch.Tensor
 
-__all__ = ["FlowLayer", "SequentialFlow", "zeros_logdet"]
+__all__ = ["FlowLayer", "SequentialFlow", "zeros_logdet", "HostCopy"]
+
+
+class HostCopy:
+    """A host number computed from a small tensor (a flag, a frozen parameter), re-read only when the tensor
+    changed: another storage (``.to``, a copy) or an in-place write (``load_state_dict``, ``fill_``), which
+    bumps its version. On a GPU every read is a device synchronisation; a training step's forward must not
+    make one per layer."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, t: Tensor, read):
+        try:
+            key = (t.device, t.data_ptr(), t._version)
+        except RuntimeError:  # inference tensors have no version counter: read every time
+            return read(t)
+        if key != self._key:
+            self._value, self._key = read(t), key
+        return self._value
 
 
 def zeros_logdet(x: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import linearize
-from .base import FlowLayer
+from .base import FlowLayer, HostCopy
 from .jacobian import batch_jacobian, logabsdet
 
 Tensor = torch.Tensor
@@ -160,9 +160,10 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: "iResBlock", x: Tensor, v: Tensor, weights: List[float], *params: Tensor):
-        g, tape = linearize.primal(block.nnet, x)
-        estimate, nv = _series(lambda w: linearize.tape_vjp(tape, w), v, weights, neumann=True)
-        ctx.block, ctx.tape = block, linearize.strip_tape(tape)
+        passes = block.passes
+        g, tape = passes.primal(block.nnet, x)
+        estimate, nv = _series(lambda w: passes.tape_vjp(tape, w), v, weights, neumann=True)
+        ctx.block, ctx.tape = block, passes.strip_tape(tape)
         ctx.save_for_backward(x, v, nv)
         return g, estimate
 
@@ -172,7 +173,7 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
         params = [p for p in ctx.block.nnet.parameters() if p.requires_grad]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            g, jv = linearize.dual(ctx.block.nnet, x_, v, ctx.tape)
+            g, jv = ctx.block.passes.dual(ctx.block.nnet, x_, v, ctx.tape)
             total = (g * grad_g).sum() + (nv * _bcast(grad_logdet, nv) * jv).sum()
             grads = torch.autograd.grad(total, [x_] + params, allow_unused=True)
         ctx.tape = None
@@ -263,25 +264,34 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         self.last_inverse_iters = 0
         self._linearizable: Optional[bool] = None
         self.use_linearize = True  # False forces the generic autograd path (used to cross-check it)
+        # The linearised training passes compiled (resflows.layers.compiled, --compile); None: eager.
+        self.compiled_passes = None
+        self._p_host, self._lamb_host = HostCopy(), HostCopy()  # read once per value, not per step (GPU sync)
         self.register_buffer("last_n_samples", torch.zeros(n_samples))
         self.register_buffer("last_firmom", torch.zeros(1))
         self.register_buffer("last_secmom", torch.zeros(1))
 
     # -- truncation ----------------------------------------------------------------------------
+    def _geom_p_value(self) -> float:
+        return self._p_host.get(self.geom_p, lambda t: float(torch.sigmoid(t.detach())))
+
+    def _lamb_value(self) -> float:
+        return self._lamb_host.get(self.lamb, lambda t: float(t.detach()))
+
     def _tail(self) -> Callable[[int], float]:
         if self.n_dist == "geometric":
-            p = float(torch.sigmoid(self.geom_p.detach()))
+            p = self._geom_p_value()
             return lambda k: geometric_tail(p, k)
-        lamb = float(self.lamb.detach())
+        lamb = self._lamb_value()
         return lambda k: poisson_tail(lamb, k)
 
     def _draw(self) -> List[int]:
         n = self.n_samples
         if self.n_dist == "geometric":
-            p = float(torch.sigmoid(self.geom_p.detach()))
+            p = self._geom_p_value()
             draws = torch.empty(n, dtype=torch.float64).geometric_(p, generator=self.generator)
         else:
-            draws = torch.poisson(torch.full((n,), float(self.lamb.detach()), dtype=torch.float64), generator=self.generator)
+            draws = torch.poisson(torch.full((n,), self._lamb_value(), dtype=torch.float64), generator=self.generator)
         return [int(d) for d in draws.tolist()]
 
     def series_plan(self) -> Tuple[List[float], Optional[List[int]]]:
@@ -338,6 +348,11 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
             self._linearizable = linearize.supports(self.nnet)
         return self._linearizable and self.use_linearize
 
+    @property
+    def passes(self):
+        """primal / tape_vjp / dual / strip_tape of the default training path: compiled, or linearize's."""
+        return linearize if self.compiled_passes is None else self.compiled_passes
+
     def _estimate_no_graph(self, x: Tensor, v: Tensor, weights: Sequence[float]) -> Tuple[Tensor, Tensor]:
         if self.linearizable:
             g, tape = linearize.primal(self.nnet, x)
@@ -387,7 +402,8 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
     @torch.no_grad()
     def _record(self, estimate: Tensor, draws: Optional[List[int]]) -> None:
         if draws is not None:
-            self.last_n_samples.copy_(torch.tensor(draws, dtype=self.last_n_samples.dtype))
+            # non_blocking: from host memory, a blocking copy to a GPU would wait for the device
+            self.last_n_samples.copy_(torch.tensor(draws, dtype=self.last_n_samples.dtype), non_blocking=True)
         self.last_firmom.copy_(estimate.mean().reshape(1).to(self.last_firmom))
         self.last_secmom.copy_((estimate**2).mean().reshape(1).to(self.last_secmom))
 

@@ -113,6 +113,10 @@ def _storage(w: Tensor) -> int:
 
 
 def _chain_vjp(tapes: Sequence[Tape], w: Tensor, inplace: bool) -> Tensor:
+    if torch.compiler.is_compiling():  # traced (--compile): no storages to compare, the compiler reuses buffers
+        for tape in reversed(tapes):
+            w = tape.handler.vjp(tape.data, w, False)
+        return w
     caller = _storage(w)  # never write into the caller's memory (views of it included) unless allowed
     for tape in reversed(tapes):
         w = tape.handler.vjp(tape.data, w, inplace or _storage(w) != caller)
