@@ -75,6 +75,7 @@ def child(args) -> None:
         if cfg.precision == "tf32":
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     trainer, x, y = bench_trainer(cfg, device)
+    fixed_bpd = fixed_batch_bpd(trainer, x, cfg.precision) if args.precision else None
     base = rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +93,25 @@ def child(args) -> None:
            "images_per_s": cfg.batchsize / statistics.median(steps), "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if fixed_bpd is not None:
+        out["fixed_batch_bpd"] = fixed_bpd
     print(json.dumps(out))
+
+
+def fixed_batch_bpd(trainer, x, precision: str) -> float:
+    """Mean bits/dim of the benchmark batch at the initial weights, in training mode under ``precision``, with
+    fixed probes and truncation draws: the same number in every precision up to its rounding."""
+    import torch
+
+    from resflows.layers.precision import branch_dtype
+    from resflows.losses import bits_per_dim
+    from resflows.runtime import compute_dtype
+
+    torch.manual_seed(1234)
+    trainer.model.train()
+    with torch.no_grad(), branch_dtype(compute_dtype(precision)):
+        z, logdet = trainer.model(x)
+        return float(bits_per_dim(z, logdet, trainer.image_shape, trainer.nvals).mean())
 
 
 def child_toy(args, device) -> None:
