@@ -131,18 +131,18 @@ def test_checkpoints_interchangeable_and_inversion_float32(tmp_path, capsys):
         save = tmp_path / prec
         run_ok(TINY + ["--max-iters", "3", "--precision", prec, "--save", save], capsys)
         paths[prec] = save / "models" / "most_recent.pth"
-        out = run_ok(["--resume", paths[prec], "--evaluate", "--nworkers", "0", "--seed", "0"], capsys)
-        assert "test bits/dim" in out
+    out = run_ok(["--resume", paths["bf16"], "--evaluate", "--nworkers", "0", "--seed", "0"], capsys)
+    assert "test bits/dim" in out
     errors = {prec: recon_error(p) for prec, p in paths.items()}
     assert errors["bf16"] <= 1e-4 and errors["bf16"] <= 2 * errors["fp32"] + 1e-6, errors
     # Resume each in the other precision, then once more without the flag: the stored one is kept.
     for prec, other in (("fp32", "bf16"), ("bf16", "fp32")):
-        assert train_img.run(["--resume", paths[prec], "--max-iters", "4", "--precision", other, "--nworkers", "0"],
-                             hook=hook) == 0
+        argv = ["--resume", str(paths[prec]), "--max-iters", "4", "--precision", other, "--nworkers", "0"]
+        assert train_img.run(argv, hook=hook) == 0
         assert seen["ready"] == (other, None)  # the branch dtype is set per training step only
         assert torch.load(paths[prec], weights_only=True)["config"]["precision"] == other
-        assert train_img.run(["--resume", paths[prec], "--max-iters", "5", "--nworkers", "0"], hook=hook) == 0
-        assert seen["ready"][0] == other
+    assert train_img.run(["--resume", str(paths["fp32"]), "--max-iters", "5", "--nworkers", "0"], hook=hook) == 0
+    assert seen["ready"][0] == "bf16"
 
 
 @pytest.mark.parametrize("prec", ["tf32", "bf16"])
@@ -168,7 +168,8 @@ def test_training_precision_applies_to_the_step_only(tmp_path, monkeypatch, prec
     monkeypatch.setattr(trainer_module, "evaluate", evaluate)
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        train_img.run(TINY + ["--max-iters", "31", "--precision", prec, "--save", str(tmp_path / "r")])  # past one epoch
+        train_img.run(TINY + ["--max-iters", "1", "--precision", prec, "--save", str(tmp_path / "r")],
+                      hook=lambda stage, trainer: trainer.validate() if stage == "done" else None)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     on = prec == "tf32"
