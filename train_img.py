@@ -34,7 +34,7 @@ from resflows.loaders import RunData, build_data
 from resflows.loading import load_weights
 from resflows.model import ResidualFlow
 from resflows.runlog import TrainingError, setup_logger, stop_on_signals
-from resflows.runtime import tune_cpu_runtime
+from resflows.runtime import check_precision, set_tf32, tune_cpu_runtime
 from resflows.trainer import Trainer, run_finished
 
 PROG = "train_img.py"
@@ -72,10 +72,14 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     # run leaves it as it was (no logs, no lock file, no clean-up).
     data = build_data(cfg, dist, train=training) if training or cfg.evaluate else None  # sampling needs no data
     torch.manual_seed(cfg.seed)  # the same initial weights and power-iteration vectors on every rank
-    # Full float32 unless --tf32: torch runs float32 convolutions in TF32 on recent GPUs by default, and the
-    # paper's runs were full float32 (bits/dim and the power iterations move with TF32).
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    # Full float32 unless --precision tf32 (for training only): torch runs float32 convolutions in TF32 on
+    # recent GPUs by default, and the paper's runs were full float32 (bits/dim and the power iterations move
+    # with TF32). Evaluating and sampling are float32 whatever the training precision.
+    set_tf32(training and cfg.precision == "tf32")
+    try:
+        precision_line = check_precision(cfg.precision if training else "fp32", dist.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if dist.device.type == "cpu":
         tune_cpu_runtime()  # flush denormals, reuse freed buffers (see resflows/runtime.py)
     save_dir = prepare_save_dir(cfg.save, ("models",)) if dist.is_main else cfg.save
@@ -86,6 +90,7 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
         remove_leftovers([os.path.join(save_dir, "models")])
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     log.info("seed %d, device %s, %d rank(s)", cfg.seed, dist.device, dist.world_size)
+    log.info("%s", precision_line)
     if cfg.data == "celebahq" and cfg.nbits < 8 and cfg.dequant == "exact":
         log.info("dequantisation: exact (k + u) / %d; --dequant paper uses the paper's ((%d k / %d) + u) / %d "
                  "(overlapping bins, bits/dim up to %.3f lower)", 2**cfg.nbits, 2**cfg.nbits - 1, 2**cfg.nbits,

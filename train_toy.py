@@ -20,6 +20,7 @@ import torch
 from resflows.config import ConfigError
 from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
 from resflows.runlog import setup_logger, stop_on_signals
+from resflows.runtime import check_precision, set_tf32
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.toy.cli import parse_args
 from resflows.toy.train import prepare_runtime
@@ -52,6 +53,11 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTraine
     log.info("%s %s", PROG, " ".join(sys.argv[1:] if argv is None else argv))
     torch.manual_seed(cfg.seed)  # initial weights, power-iteration vectors, probes and series lengths
     prepare_runtime(device)
+    set_tf32(cfg.precision == "tf32")  # training only: validation and figures switch it off
+    try:
+        log.info("%s", check_precision(cfg.precision, device))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = build_toy_model(cfg)
     log.info("config: %s", cfg.to_dict())
     log.info("model: %s, %d blocks, %d parameters, device %s", cfg.arch, cfg.nblocks,

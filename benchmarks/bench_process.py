@@ -4,6 +4,7 @@
     python benchmarks/bench_process.py                          # this tree, 3 rounds
     git archive f69516d | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     python benchmarks/bench_process.py --baseline /tmp/before   # interleaved with an older tree
+    python benchmarks/bench_process.py --precision fp32 bf16    # this tree, fp32 and bf16 interleaved
 
 scikit-learn's 8x8 digits, upsampled to 28x28, are written in MNIST's file format twice: a training set of
 4 batches and one of 20 batches (the same 297 test images each). ``train_img.py --data mnist --imagesize 28
@@ -11,7 +12,9 @@ scikit-learn's 8x8 digits, upsampled to 28x28, are written in MNIST's file forma
 process, and the time per step is ``(T20 - T4) / 16``: start-up, model construction, the end-of-epoch
 validation and the checkpoint cancel out. The peak RSS is the 20-step process's own (``ru_maxrss`` from ``wait4``).
 With ``--baseline`` the trees alternate (baseline, this tree, ...) each round; figures are medians over rounds,
-and ratios are taken per round. The EMA validation of the 297 test images is timed from the run's log. The
+and ratios are taken per round. With ``--precision A B`` every tree runs with ``--precision A``, then ``B``,
+each round (named ``TREE-A``, ...), and the ratio of the second to the first is reported. The EMA validation
+of the 297 test images is timed from the run's log. The
 1-minute load average is recorded with each round.
 """
 from __future__ import annotations
@@ -54,12 +57,12 @@ def write_mnist(root: str, n_train: int) -> None:
             f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in arr.shape) + arr.tobytes())
 
 
-def run(tree: str, dataroot: str, save: str, timeout: int) -> dict:
+def run(tree: str, dataroot: str, save: str, timeout: int, extra=()) -> dict:
     """One ``train_img.py`` process: wall seconds and its own peak RSS in GB (``wait4``'s resource usage)."""
     shutil.rmtree(save, ignore_errors=True)
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(tree, "train_img.py"), *FLAGS, "--dataroot", dataroot,
+        proc = subprocess.Popen([sys.executable, os.path.join(tree, "train_img.py"), *FLAGS, *extra, "--dataroot", dataroot,
                                  "--save", save], cwd=tree, stdout=subprocess.DEVNULL, stderr=err)
         deadline = t0 + timeout
         while True:
@@ -89,6 +92,22 @@ def validation_seconds(save: str):
     return float(found[-1][1]) if found else None
 
 
+def cpu() -> dict:
+    """The CPU's model name and its native bfloat16 / AMX flags (from /proc/cpuinfo)."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown":
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": name, "cpus": os.cpu_count(), "flags": {w: w in flags for w in wanted}}
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -99,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline", help="another source tree (e.g. an older commit unpacked with git archive)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per train_img.py process")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "bf16"],
+                   help="run every tree with each of these --precision values, interleaved")
     p.add_argument("--json", default=os.path.join(HERE, "results", "bench_process.json"))
     args = p.parse_args(argv)
     if args.rounds < 1:
@@ -108,6 +129,9 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(args.baseline, "train_img.py")):
             p.error(f"--baseline {args.baseline}: no train_img.py there")
         trees = {"baseline": os.path.abspath(args.baseline), "this": REPO}
+    variants = {name: (tree, ()) for name, tree in trees.items()}
+    if args.precision:
+        variants = {f"{name}-{prec}": (tree, ("--precision", prec)) for name, tree in trees.items() for prec in args.precision}
     work = tempfile.mkdtemp(prefix="bench_process_")
     try:
         roots = {n: os.path.join(work, f"data{n}") for n in (4, 20)}
@@ -116,9 +140,9 @@ def main(argv=None) -> int:
         rounds = []
         for r in range(args.rounds):
             res = {"load_1min": os.getloadavg()[0]}
-            for name, tree in trees.items():
-                t20 = run(tree, roots[20], os.path.join(work, "save"), args.timeout)
-                t4 = run(tree, roots[4], os.path.join(work, "save"), args.timeout)
+            for name, (tree, extra) in variants.items():
+                t20 = run(tree, roots[20], os.path.join(work, "save"), args.timeout, extra)
+                t4 = run(tree, roots[4], os.path.join(work, "save"), args.timeout, extra)
                 res[name] = {"step_s": (t20["wall_s"] - t4["wall_s"]) / 16, "wall_20_s": t20["wall_s"],
                              "wall_4_s": t4["wall_s"], "peak_rss_20_gb": t20["peak_rss_gb"],
                              "validation_s": t20["validation_s"]}
@@ -128,13 +152,17 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     summary = {name: {"step_s_median": statistics.median(r[name]["step_s"] for r in rounds),
                       "peak_rss_gb_median": statistics.median(r[name]["peak_rss_20_gb"] for r in rounds),
-                      "validation_s_median": _median(r[name]["validation_s"] for r in rounds)} for name in trees}
-    if args.baseline:
+                      "validation_s_median": _median(r[name]["validation_s"] for r in rounds)} for name in variants}
+    if args.baseline and not args.precision:
         summary["speedup_median"] = statistics.median(r["baseline"]["step_s"] / r["this"]["step_s"] for r in rounds)
+    if args.precision and len(args.precision) == 2:
+        a, b = (f"this-{prec}" for prec in args.precision)
+        summary[f"step_ratio_{args.precision[1]}_over_{args.precision[0]}_median"] = statistics.median(
+            r[b]["step_s"] / r[a]["step_s"] for r in rounds)
     print(json.dumps(summary))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"flags": FLAGS, "rounds": rounds, "summary": summary}, f, indent=1)
+        json.dump({"flags": FLAGS, "cpu": cpu(), "rounds": rounds, "summary": summary}, f, indent=1)
     return 0
 
 

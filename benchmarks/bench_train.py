@@ -6,6 +6,7 @@
     python benchmarks/bench_train.py --config cifar10-b64 --device cuda   # on a GPU
     python benchmarks/bench_train.py --config idensenet-cifar10          # i-DenseNets' CIFAR-10 command, batch 4
     python benchmarks/bench_train.py --config idensenet-cifar10-b64 --device cuda
+    python benchmarks/bench_train.py --config cifar10 --precision fp32 bf16 --rounds 2   # interleaved precisions
 
 Each measurement runs in a fresh process: model and optimiser are built, ActNorm is initialised, then
 ``--warmup`` steps are discarded and the median of ``--steps`` full training steps is reported (forward,
@@ -70,7 +71,12 @@ def child(args) -> None:
     if args.batch:
         cfg.batchsize = args.batch
     cfg.compile = args.compile
+    if args.precision:
+        cfg.precision = args.precision[0]
+        if cfg.precision == "tf32":
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     trainer, x, y = bench_trainer(cfg, device)
+    fixed_bpd = fixed_batch_bpd(trainer, x, cfg.precision) if args.precision else None
     base = rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +98,25 @@ def child(args) -> None:
         out.update(compile_s=compiled.seconds, graphs=compiled.graphs)
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if fixed_bpd is not None:
+        out["fixed_batch_bpd"] = fixed_bpd
     print(json.dumps(out))
+
+
+def fixed_batch_bpd(trainer, x, precision: str) -> float:
+    """Mean bits/dim of the benchmark batch at the initial weights, in training mode under ``precision``, with
+    fixed probes and truncation draws: the same number in every precision up to its rounding."""
+    import torch
+
+    from resflows.layers.precision import branch_dtype
+    from resflows.losses import bits_per_dim
+    from resflows.runtime import compute_dtype
+
+    torch.manual_seed(1234)
+    trainer.model.train()
+    with torch.no_grad(), branch_dtype(compute_dtype(precision)):
+        z, logdet = trainer.model(x)
+        return float(bits_per_dim(z, logdet, trainer.image_shape, trainer.nvals).mean())
 
 
 def child_toy(args, device) -> None:
@@ -132,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int_at_least(1), default=7)
     p.add_argument("--warmup", type=int_at_least(0), default=2)
     p.add_argument("--compile", action="store_true", help="train with --compile True (see bench_compile.py)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="train_img.py's --precision; several: each job runs with each, interleaved")
+    p.add_argument("--rounds", type=int_at_least(1), default=1, help="repeat the list of jobs (interleaved rounds)")
     args = parse_bench_args(p, argv, "bench_train.json")
     if args.child:
         args.config, args.mode = args.config[0], args.mode[0]
@@ -140,18 +167,22 @@ def main(argv=None) -> int:
     jobs = PRESETS[args.preset] if args.preset else [(c, m, None) for c in args.config for m in args.mode]
     if args.sweep and not args.preset:
         jobs += [(c, m, t) for c in args.config for m in args.mode for t in (2, 5, 10, 20)]
+    jobs = [(c, m, t, prec) for c, m, t in jobs for prec in (args.precision or [None])] * args.rounds
     rows = []
-    for config, mode, terms in jobs:
+    for config, mode, terms, prec in jobs:
         extra = ["--config", config, "--mode", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
                  "--device", args.device] + (["--terms", str(terms)] if terms else []) \
-                 + (["--batch", str(args.batch)] if args.batch else []) + (["--compile"] if args.compile else [])
+                 + (["--batch", str(args.batch)] if args.batch else []) + (["--compile"] if args.compile else []) \
+                 + (["--precision", prec] if prec else [])
         res = run_child(os.path.abspath(__file__), extra)
-        row = {"config": config, "mode": mode, "terms": terms or "unbiased", **({"compile": True} if args.compile else {}), **res}
+        row = {"config": config, "mode": mode, "terms": terms or "unbiased", **({"compile": True} if args.compile else {}),
+               **({"precision": prec} if prec else {}), **res}
         rows.append(row)
         shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k != "bug_report"}
         print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)
     report_failures(rows)
-    cols = ["config", "mode", "terms", "median_s", "images_per_s", "baseline_rss_mb", "peak_rss_mb"]
+    cols = ["config", "mode", "terms"] + (["precision"] if args.precision else [])
+    cols += ["median_s", "images_per_s", "baseline_rss_mb", "peak_rss_mb"]
     if any("cuda_peak_mb" in r for r in rows):
         cols.append("cuda_peak_mb")
     print()

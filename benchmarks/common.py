@@ -109,16 +109,19 @@ def peak_rss_mb() -> float:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
+    flags = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
-                    break
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
     except OSError:
         pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} CPUs, {dev}, torch {torch.__version__}"
+    return f"{cpu} (native bf16: {', '.join(bf16) or 'none'}), {os.cpu_count()} CPUs, {dev}, torch {torch.__version__}"
 
 
 def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, Any]:

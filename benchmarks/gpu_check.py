@@ -9,9 +9,10 @@ parameter gradients on CUDA against CPU float64, the linearised path, fixed-poin
 torchrun with NCCL on 2 GPUs if there are 2, else 1, and TF32 off by default) in a fresh process with
 ``CUDA_VISIBLE_DEVICES`` set (tests/conftest.py hides GPUs otherwise); (2) runs ``bench_train.py --device cuda``
 for ``cifar10-b64`` (the paper's CIFAR-10 model at batch 64) and ``idensenet-cifar10-b64`` (i-DenseNets'
-CIFAR-10 model; skipped with a message if this tree's bench_train.py does not have it), each eager and with
-``--compile`` in fresh processes under a time limit, reporting images/s, ``torch.cuda.max_memory_allocated``
-and the compile time (graphs built, seconds, in the first step); (3) writes results/gpu.json.
+CIFAR-10 model; skipped with a message if this tree's bench_train.py does not have it), each in a fresh process
+under a time limit, with ``--precision`` fp32, tf32 and bf16 and with ``--compile`` at fp32, reporting images/s,
+``torch.cuda.max_memory_allocated``, the bits/dim of one fixed batch (initial weights, fixed probes) against fp32's
+and, compiled, the compile time (graphs built, seconds, in the first step); (3) writes results/gpu.json.
 
 Without CUDA it says so, runs the CUDA cases of the same test file (they skip: CI keeps the file importable and
 its skip conditions working; its CPU self-checks run in ``make test``), and exits 0 unless that fails.
@@ -29,6 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BENCH_CONFIGS = ("cifar10-b64", "idensenet-cifar10-b64")
+PRECISIONS = ("fp32", "tf32", "bf16")  # fp32 first: the others' fixed-batch bits/dim are compared with it
 
 
 def run_tests(env: dict, timeout: int, extra=()) -> dict:
@@ -53,25 +55,29 @@ def known_configs() -> tuple:
     return tuple(CONFIGS)
 
 
-def run_bench(config: str, env: dict, timeout: int, steps: int, warmup: int, compiled: bool = False) -> dict:
-    out_json = os.path.join(HERE, "results", f".gpu_{config}{'_compiled' if compiled else ''}.json")
+def run_bench(config: str, env: dict, timeout: int, steps: int, warmup: int, precision: str = "fp32",
+              compiled: bool = False) -> dict:
+    out_json = os.path.join(HERE, "results", f".gpu_{config}_{precision}{'_compiled' if compiled else ''}.json")
     cmd = [sys.executable, os.path.join(HERE, "bench_train.py"), "--config", config, "--device", "cuda",
-           "--steps", str(steps), "--warmup", str(warmup), "--json", out_json] + (["--compile"] if compiled else [])
+           "--steps", str(steps), "--warmup", str(warmup), "--precision", precision, "--json", out_json] \
+        + (["--compile"] if compiled else [])
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"config": config, "compile": compiled, "error": f"timed out after {timeout} s"}
+        return {"config": config, "precision": precision, "compile": compiled, "error": f"timed out after {timeout} s"}
     print(proc.stdout[-3000:], flush=True)
     try:
         with open(out_json) as f:
             rows = json.load(f)["results"]
         os.remove(out_json)
     except (OSError, ValueError, KeyError):
-        return {"config": config, "compile": compiled, "error": (proc.stderr.strip().splitlines() or ["no result"])[-1]}
+        return {"config": config, "precision": precision, "compile": compiled,
+                "error": (proc.stderr.strip().splitlines() or ["no result"])[-1]}
     row = rows[0]
-    keep = ("mode", "median_s", "images_per_s", "cuda_peak_mb", "first_step_s", "compile_s", "graphs", "error")
-    return {"config": config, "compile": compiled, **{k: row[k] for k in keep if k in row},
+    keep = ("mode", "median_s", "images_per_s", "cuda_peak_mb", "fixed_batch_bpd", "first_step_s", "compile_s",
+            "graphs", "error")
+    return {"config": config, "precision": precision, "compile": compiled, **{k: row[k] for k in keep if k in row},
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -115,8 +121,13 @@ def main(argv=None) -> int:
                 print(f"gpu-check: {msg}", flush=True)
                 result["bench"].append({"config": config, "skipped": msg})
                 continue
-            for compiled in (False, True):  # eager, then --compile True (compile time in the first step)
-                result["bench"].append(run_bench(config, env, args.bench_timeout, args.steps, args.warmup, compiled))
+            rows = [run_bench(config, env, args.bench_timeout, args.steps, args.warmup, prec) for prec in PRECISIONS]
+            for row in rows[1:]:
+                if "fixed_batch_bpd" in row and "fixed_batch_bpd" in rows[0]:
+                    row["fixed_batch_bpd_minus_fp32"] = row["fixed_batch_bpd"] - rows[0]["fixed_batch_bpd"]
+            result["bench"].extend(rows)
+            # --compile True at fp32 beside the eager fp32 row (compile time in the first step)
+            result["bench"].append(run_bench(config, env, args.bench_timeout, args.steps, args.warmup, "fp32", True))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
@@ -126,8 +137,9 @@ def main(argv=None) -> int:
         name = b["config"] + (" compiled" if b.get("compile") else " eager")
         if "images_per_s" in b:
             compile_s = f", compiled {b['graphs']} graphs in {b['compile_s']:.1f} s" if "compile_s" in b else ""
-            print(f"{name}: {b['images_per_s']:.1f} images/s, step {b['median_s']:.3f} s, "
-                  f"max_memory_allocated {b['cuda_peak_mb']:.0f} MB{compile_s}")
+            delta = f", bits/dim vs fp32 {b['fixed_batch_bpd_minus_fp32']:+.5f}" if "fixed_batch_bpd_minus_fp32" in b else ""
+            print(f"{name} {b.get('precision', '')}: {b['images_per_s']:.1f} images/s, step {b['median_s']:.3f} s, "
+                  f"max_memory_allocated {b['cuda_peak_mb']:.0f} MB{delta}{compile_s}")
         else:
             print(f"{name}: {b.get('skipped') or b.get('error')}")
     print(f"wrote {args.json}")

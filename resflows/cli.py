@@ -37,6 +37,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
     # Parse without defaults: the namespace holds exactly the flags typed, and TrainConfig fills in the rest.
     parser = build_parser(prog, defaults=False)
     explicit = vars(parser.parse_args(argv))
+    if explicit.get("tf32"):  # --tf32 True is the older spelling of --precision tf32
+        if explicit.get("precision", "tf32") != "tf32":
+            parser.error(f"--tf32 True means --precision tf32, which conflicts with --precision {explicit['precision']}; "
+                         f"drop --tf32")
+        explicit["precision"] = "tf32"
     cfg = TrainConfig(**explicit)
     try:
         validate_config(cfg)

@@ -325,6 +325,11 @@ class TrainConfig:
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", run=True)
     # ours: TF32 convolutions / matmuls on GPUs that have them (the paper ran full float32)
     tf32: bool = flag(False, "allow TF32 convolutions and matmuls on GPUs (default: full float32, as the paper)", run=True)
+    # ours: the training step's precision (a run setting: kept on --resume unless typed); evaluation is float32
+    precision: str = flag("fp32", "training precision: fp32 (full float32, as the paper), tf32 (TF32 convolutions and "
+                          "matmuls on GPUs; --tf32 True means this), bf16 (residual-branch convolutions and linear layers "
+                          "in bfloat16); evaluation and sampling are float32 whatever this is",
+                          choices=("fp32", "tf32", "bf16"))
     # sampling: the paper's fixed-point iteration, or "anderson" (fewer evaluations)
     inverse: str = flag("fixed-point", "how samples and reconstructions invert each residual block: the paper's fixed-point "
                         "iteration, or Anderson acceleration (same stopping rule, fewer network evaluations)",

@@ -29,12 +29,14 @@ from .entry import best_checkpoint_name, remove_own_file
 from .evaluation import evaluate, image_shape, prepare_for_eval
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
+from .layers.precision import branch_dtype
 from .loaders import RunData, build_data
 from .loading import load_weights
 from .losses import ModelForward, compute_loss
 from .model import ResidualFlow
 from .optim import EMA, LRSchedule, make_optimizer, paper_optimizer_state
 from .runlog import TrainingError, progress, skipped_nonfinite_step
+from .runtime import compute_dtype, full_float32
 
 __all__ = ["Trainer", "KEEP_BEST", "GRAD_CLIP_NORM", "run_finished"]
 
@@ -352,7 +354,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         ctx = self.ddp.no_sync() if (not sync and hasattr(self.ddp, "no_sync")) else contextlib.nullcontext()
-        with ctx:
+        with ctx, branch_dtype(compute_dtype(self.cfg.precision)):  # --precision bf16: the branches in bfloat16
             out = compute_loss(self.ddp, x, y, self.cfg, self.image_shape, self.nvals, self.beta())
             (out.loss / n_accum).backward()
         m = {"loss": out.loss.item()}
@@ -463,9 +465,11 @@ class Trainer:
     def validate(self, label: Optional[int] = None) -> Dict[str, Any]:
         """Test bits/dim (mean, standard error, count) of :meth:`eval_model` over every test image exactly once;
         accuracy for classification / hybrid (:func:`resflows.evaluation.evaluate`)."""
-        return evaluate(self.eval_model(), self.test_loader, self.cfg, self.device, self.dist.is_main, label)
+        with full_float32():  # whatever --precision trains with
+            return evaluate(self.eval_model(), self.test_loader, self.cfg, self.device, self.dist.is_main, label)
 
     @torch.no_grad()
+    @full_float32()
     def visualize(self) -> None:
         """Real images, samples from a fixed z, and reconstructions, as one grid (rank 0)."""
         from torchvision.utils import make_grid, save_image

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from . import linearize
+from . import linearize, precision
 from .base import FlowLayer, HostCopy
 from .jacobian import batch_jacobian, logabsdet
 
@@ -164,6 +164,7 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
         g, tape = passes.primal(block.nnet, x)
         estimate, nv = _series(lambda w: passes.tape_vjp(tape, w), v, weights, neumann=True)
         ctx.block, ctx.tape = block, passes.strip_tape(tape)
+        ctx.dtype = precision.current_dtype()  # the backward's recomputation runs in the same precision
         ctx.save_for_backward(x, v, nv)
         return g, estimate
 
@@ -171,7 +172,7 @@ class _LinearizedNeumannLogDet(torch.autograd.Function):
     def backward(ctx, grad_g: Tensor, grad_logdet: Tensor):
         x, v, nv = ctx.saved_tensors
         params = [p for p in ctx.block.nnet.parameters() if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), precision.branch_dtype(ctx.dtype):
             x_ = x.detach().requires_grad_(True)
             g, jv = ctx.block.passes.dual(ctx.block.nnet, x_, v, ctx.tape)
             total = (g * grad_g).sum() + (nv * _bcast(grad_logdet, nv) * jv).sum()

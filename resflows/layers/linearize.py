@@ -23,12 +23,13 @@ case in ``tests/layers/test_linearize.py``, whose completeness test fails until 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import precision
 from .activations import SLOPES, CLipSwish, Identity, LipSwish, clipswish_dual, clipswish_value_and_slope, lipswish_dual
 from .lipschitz import InducedNormConv2d, InducedNormLinear, LopConv2d, LopLinear
 from .normalization import MovingBatchNorm1d, MovingBatchNorm2d
@@ -177,12 +178,41 @@ def _cl(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+class _LowPrecision(NamedTuple):
+    """Tape of a linear map run in a low-precision dtype (:mod:`resflows.layers.precision`): the weight (or
+    flipped kernel) already rounded, the Lipschitz factor, the convolution's padding."""
+
+    weight: Tensor
+    factor: Optional[Tensor]
+    padding: Any = None
+
+
+def _keep_factor(data):
+    # A recomputation reuses the Lipschitz factor of the rounded weight measured in the forward pass.
+    return data.factor if isinstance(data, _LowPrecision) else None
+
+
 def _linear_primal(m, x):
+    dtype = precision.current_dtype()
+    if dtype is not None:
+        w, b, factor = precision.branch_weights(m, dtype)
+        return precision.rescale(F.linear(precision.to_compute(x, dtype), w), factor, b), _LowPrecision(w, factor)
     w = _weight(m)
     return F.linear(x, w, m.bias), w
 
 
+def _linear_vjp(weight, w, inplace):
+    if isinstance(weight, _LowPrecision):
+        return precision.rescale(precision.to_compute(w, weight.weight.dtype) @ weight.weight, weight.factor)
+    return w @ weight
+
+
 def _linear_dual(m, x, t, data):
+    dtype = precision.current_dtype()
+    if dtype is not None:
+        w, b, factor = precision.branch_weights(m, dtype, data if torch.is_tensor(data) else None)
+        low = lambda a: precision.to_compute(a, dtype)  # noqa: E731
+        return precision.rescale(F.linear(low(x), w), factor, b), precision.rescale(F.linear(low(t), w), factor)
     w = _weight(m)
     return F.linear(x, w, m.bias), F.linear(t, w)
 
@@ -195,6 +225,11 @@ def _conv_ok(m: nn.Module) -> bool:
 
 
 def _conv_primal(m, x):
+    dtype = precision.current_dtype()
+    if dtype is not None:
+        w, b, factor = precision.branch_weights(m, dtype)
+        y = precision.rescale(F.conv2d(precision.to_compute(x, dtype), w, None, 1, m.padding), factor, b)
+        return y, _LowPrecision(w.flip(2, 3).transpose(0, 1).contiguous(), factor, m.padding)
     w = _weight(m)
     # w^T J through a convolution with the flipped, transposed kernel: the same numbers as
     # conv_transpose2d, but through the (much faster) forward convolution kernels.
@@ -202,19 +237,28 @@ def _conv_primal(m, x):
 
 
 def _conv_vjp(data, w, inplace):
+    if isinstance(data, _LowPrecision):
+        low = precision.to_compute(w, data.weight.dtype)
+        return precision.rescale(F.conv2d(low, data.weight, None, 1, data.padding), data.factor)
     flipped, padding = data
     return F.conv2d(_cl(w), flipped, None, 1, padding)
 
 
 def _conv_dual(m, x, t, data):
+    dtype = precision.current_dtype()
+    if dtype is not None:
+        w, b, factor = precision.branch_weights(m, dtype, data if torch.is_tensor(data) else None)
+        low = lambda a: precision.to_compute(a, dtype)  # noqa: E731
+        return (precision.rescale(F.conv2d(low(x), w, None, 1, m.padding), factor, b),
+                precision.rescale(F.conv2d(low(t), w, None, 1, m.padding), factor))
     w = _weight(m)
     return F.conv2d(_cl(x), w, m.bias, 1, m.padding), F.conv2d(_cl(t), w, None, 1, m.padding)
 
 
 for _cls in (InducedNormLinear, LopLinear, nn.Linear):
-    register(_cls, Handler(_linear_primal, lambda weight, w, inplace: w @ weight, _linear_dual))
+    register(_cls, Handler(_linear_primal, _linear_vjp, _linear_dual, keep=_keep_factor))
 for _cls in (InducedNormConv2d, LopConv2d, nn.Conv2d):
-    register(_cls, Handler(_conv_primal, _conv_vjp, _conv_dual, ok=_conv_ok))
+    register(_cls, Handler(_conv_primal, _conv_vjp, _conv_dual, keep=_keep_factor, ok=_conv_ok))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.init as init
 
+from . import precision
 from .norms import INF, Order, as_order, asym_squash, closed_form_setting, has_closed_form, normalize_u, normalize_v
 from .power import INIT_POWER_ITERATIONS, INIT_RESTARTS, INIT_TOLERANCE, MAX_POWER_ITERATIONS, update_lipschitz
 
@@ -128,6 +129,11 @@ class LipschitzMap(nn.Module):
         """W / max(1, sigma / coeff); differentiable through sigma."""
         return self.weight / torch.clamp(self.sigma() / self.coeff, min=1.0)
 
+    def norm_of(self, weight: Tensor) -> Tensor:  # pragma: no cover - interface
+        """The norm this layer bounds by ``coeff``, of another weight of its shape (e.g. the normalised weight
+        rounded to bfloat16), measured as the layer measures its own: a 0-d tensor, no graph needed."""
+        raise NotImplementedError
+
     def lipschitz_constant(self) -> float:
         """Lipschitz bound of the normalised layer: min(sigma, coeff), from the stored estimate."""
         return min(float(self.scale), self.coeff)
@@ -156,6 +162,9 @@ class _LinearMap:
         return (self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = precision.current_dtype()
+        if dtype is not None:
+            return precision.lowp_linear(self, x, dtype)
         return F.linear(x, self.normalized_weight(), self.bias)
 
 
@@ -193,6 +202,9 @@ class _ConvMap:
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = precision.current_dtype()
+        if dtype is not None:
+            return precision.lowp_conv2d(self, x, dtype, self.stride, self.padding)
         return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding)
 
 
@@ -255,6 +267,9 @@ class InducedNorm(LipschitzMap):
         # The stored vectors, also with learned orders (as the paper): the orders get their gradient from
         # one_step_sigma, a separate objective, not from the loss.
         return torch.dot(self.u, self._matvec(self.weight, self.v))
+
+    def norm_of(self, weight: Tensor) -> Tensor:
+        return torch.dot(self.u, self._matvec(weight, self.v))
 
     def one_step_sigma(self) -> Tensor:
         """sigma after one power step from the stored (detached) vectors and weight, differentiable in the
@@ -409,6 +424,12 @@ class ClosedForm(LipschitzMap):
 
     def sigma(self) -> Tensor:
         return self._slice_norms().max()
+
+    def norm_of(self, weight: Tensor) -> Tensor:
+        # The exact closed-form norm of ``weight``: its largest column (row) norm.
+        dim = 1 if self._mode == "col" else 0
+        other = [d for d in range(weight.dim()) if d != dim]
+        return torch.linalg.vector_norm(weight, ord=self._norm_type, dim=other).max()
 
     def normalized_weight(self) -> Tensor:
         return self.weight / torch.clamp(self._slice_norms() / self.coeff, min=1.0)

@@ -59,6 +59,9 @@ class ToyConfig:
     log_freq: int = flag(10, name="--log_freq", range=POSITIVE)
     gpu: int = flag(0, "use cuda:GPU when CUDA is available, else the CPU", range=NON_NEGATIVE)
     seed: int = flag(0, range=Range(0, 2**32 - 1))
+    # Ours: the training step's precision, as train_img.py's --precision; the test loss and figures are float32
+    precision: str = flag("fp32", "training precision: fp32, tf32 (TF32 matmuls on GPUs) or bf16 (the residual nets' "
+                          "linear layers in bfloat16); evaluation is float32", choices=("fp32", "tf32", "bf16"))
     # Ours: figure resolution (grid side and histogram bins) and number of model samples (None: npts^2,
     # as the paper). Lower them on a CPU: every sample goes through the fixed-point inverse of every block.
     viz_npts: int = flag(400, "grid side of the density panel and bins of the histograms", name="--viz_npts", range=POSITIVE)

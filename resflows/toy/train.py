@@ -19,8 +19,10 @@ from ..checkpoint import CheckpointError, NonFiniteError, atomic_save, nonfinite
 from ..flags import ConfigError
 from ..layers.lipschitz import norm_order_gradients
 from ..layers.power import TOY_VALIDATION_ITERATIONS
+from ..layers.precision import branch_dtype
 from ..losses import standard_normal_logprob
 from ..runlog import progress, skipped_nonfinite_step
+from ..runtime import compute_dtype, full_float32
 from .config import ToyConfig
 from .data import data_rng, sample, sample_tensor
 from .model import ToyFlow, build_toy_model
@@ -97,9 +99,10 @@ class ToyTrainer:
         self.model.train()
         self.itr += 1
         x = sample_tensor(self.cfg.data, self.cfg.batch_size, self.train_rng, self.device)
-        out = self.compute_loss(x, self.beta())
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        with branch_dtype(compute_dtype(self.cfg.precision)):  # --precision bf16: the branches in bfloat16
+            out = self.compute_loss(x, self.beta())
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # One host synchronisation for all the checks (not one per parameter).
         finite = bool(torch.stack([torch.isfinite(out["loss"])] + [torch.isfinite(g).all() for g in grads]).all())
@@ -116,6 +119,7 @@ class ToyTrainer:
         return {k: float(v.detach()) for k, v in out.items()}
 
     @torch.no_grad()
+    @full_float32()
     def validate(self) -> float:
         """Test NLL (nats) on the fixed test set, exact 2-D log-dets (evaluation mode), in chunks, after 200
         power iterations whose vectors training then continues from (as the paper's toy script)."""
@@ -127,6 +131,7 @@ class ToyTrainer:
         return loss
 
     @torch.no_grad()
+    @full_float32()
     def visualize(self) -> str:
         """``SAVE/figs/{itr:04d}.png``: data histogram, model density on the grid, histogram of model samples."""
         cfg = self.cfg
