@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from resflows import evaluation
+from resflows.budget import check_image_run
 from resflows.checkpoint import check_weights_fit, load_weights, read_checkpoint, write_json
 from resflows.cli import merge_resume_config, parse_args, prepare_save_dir
 from resflows.config import ConfigError, ModelConfig, TrainConfig
@@ -49,12 +50,11 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
     dist = setup_distributed(cfg.device)
     if cfg.batchsize % dist.world_size:
         raise ConfigError(f"--batchsize {cfg.batchsize} is the global batch and must divide evenly over {dist.world_size} ranks")
-    if (cfg.evaluate or cfg.sample) and not cfg.resume:
-        raise ConfigError("--evaluate and --sample need a checkpoint: add --resume PATH")
     ckpt = None
     if cfg.resume:
         ckpt = read_checkpoint(cfg.resume, map_location="cpu")
         cfg = merge_resume_config(ckpt["config"], cfg, explicit, cfg.resume)
+        check_image_run(cfg)  # --sample, --val-batchsize, --batchsize with the checkpoint's architecture
         if model_config_from(cfg).architecture() != ModelConfig.from_dict(ckpt["model_config"]).architecture():
             check_weights_fit(cfg.resume, ckpt, model_config_from(cfg))  # before allocating the model
     if cfg.seed is None:

@@ -18,11 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from resflows.cli import prepare_save_dir
-from resflows.config import ConfigError
 from resflows.entry import SaveLock, remove_leftovers, run_entry_point
 from resflows.runlog import setup_logger, stop_on_signals
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
-from resflows.toy.cli import parse_args
+from resflows.toy.cli import parse_args, toy_device
 from resflows.toy.train import prepare_runtime
 
 PROG = "train_toy.py"
@@ -30,11 +29,7 @@ PROG = "train_toy.py"
 
 def pick_device(gpu: int) -> torch.device:
     """cuda:GPU when CUDA is available (as the paper), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if gpu >= torch.cuda.device_count():
-        raise ConfigError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return torch.device(f"cuda:{gpu}")
+    return toy_device(gpu)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
