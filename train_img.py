@@ -31,7 +31,7 @@ from resflows.evaluation import image_shape, prepare_for_eval, save_samples, tig
 from resflows.factory import model_config_from
 from resflows.loaders import build_data
 from resflows.model import ResidualFlow
-from resflows.runlog import TrainingError, setup_logger, stop_on_signals
+from resflows.runlog import DeferredStop, TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import tune_cpu_runtime
 from resflows.trainer import Trainer
 
@@ -42,11 +42,17 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     """Parse, build, hand over to the Trainer. ``hook(stage, trainer)`` is called with stage 'ready'
     (before training) and 'done' (after), for tests and tooling."""
     with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
-        return _run(argv, hook, held)
+        pending = held.enter_context(DeferredStop())  # SIGTERM while starting or after the final save: exit 0
+        return _run(argv, hook, held, pending)
 
 
-def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], None]], held: contextlib.ExitStack) -> int:
+def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], None]], held: contextlib.ExitStack,
+         pending: DeferredStop) -> int:
     cfg, explicit = parse_args(argv, PROG)
+    if cfg.evaluate or cfg.sample:
+        pending.release()  # a signal simply ends an evaluation or sampling (nothing to save)
+        if pending.signal:
+            return 0
     dist = setup_distributed(cfg.device)
     if cfg.batchsize % dist.world_size:
         raise ConfigError(f"--batchsize {cfg.batchsize} is the global batch and must divide evenly over {dist.world_size} ranks")
@@ -102,7 +108,7 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
             return 0
     if hook:
         hook("ready", trainer)
-    with stop_on_signals(trainer):
+    with stop_on_signals(trainer, pending):
         trainer.fit()
     if hook:
         hook("done", trainer)

@@ -19,7 +19,7 @@ import torch
 
 from resflows.cli import prepare_save_dir
 from resflows.entry import SaveLock, remove_leftovers, run_entry_point
-from resflows.runlog import setup_logger, stop_on_signals
+from resflows.runlog import DeferredStop, setup_logger, stop_on_signals
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
 from resflows.toy.cli import parse_args, toy_device
 from resflows.toy.train import prepare_runtime
@@ -35,10 +35,11 @@ def pick_device(gpu: int) -> torch.device:
 def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
     """Parse, build, train; returns the trainer (for tests and tooling)."""
     with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
-        return _run(argv, held)
+        pending = held.enter_context(DeferredStop())  # SIGTERM while starting or after the final save: exit 0
+        return _run(argv, held, pending)
 
 
-def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTrainer:
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack, pending: DeferredStop) -> ToyTrainer:
     cfg: ToyConfig = parse_args(argv, PROG)
     device = pick_device(cfg.gpu)
     save_dir = prepare_save_dir(cfg.save)
@@ -55,7 +56,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTraine
     trainer = ToyTrainer(cfg, model, device, save_dir)
     trainer.open_writer()
     try:
-        with stop_on_signals(trainer):
+        with stop_on_signals(trainer, pending):
             trainer.fit()
     finally:
         trainer.close()

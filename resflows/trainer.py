@@ -288,7 +288,9 @@ class Trainer:
                 metrics.update({k: sum(a[k] for a in accum) / len(accum) for k in accum[0]})
                 self.log_step(metrics)
             accum = []
-            if self.step % cfg.vis_freq == 0 and self.dist.is_main:
+            # Only after a step taken: a skipped non-finite step would draw the same grid again (from step 0's
+            # weights on and on, each costing seconds) from the batch that just failed.
+            if metrics is not None and self.step % cfg.vis_freq == 0 and self.dist.is_main:
                 self.visualize()
             if cfg.max_iters is not None and self.step >= cfg.max_iters:
                 logger.info("reached --max-iters %d", cfg.max_iters)
@@ -339,10 +341,12 @@ class Trainer:
             self.nonfinite_in_a_row += 1
             logger.warning("iteration %d: non-finite loss or gradient; step skipped (%d in a row)", self.itr, self.nonfinite_in_a_row)
             if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                last = os.path.join(self.save_dir, "models", "most_recent.pth")
+                where = (f"the last good checkpoint is {last}" if os.path.isfile(last) else
+                         "no checkpoint was written yet (the run stopped before its first save)")
                 raise TrainingError(
                     f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row (iteration {self.itr}); "
-                    f"the last good checkpoint is in {os.path.join(self.save_dir, 'models')}. "
-                    f"Try a lower --lr, a longer --warmup-iters or a smaller --coeff"
+                    f"{where}. Try a lower --lr, a longer --warmup-iters or a smaller --coeff, and check the data"
                 )
             return None
         self.nonfinite_in_a_row = 0
