@@ -25,7 +25,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_weights, nonfinite_tensors, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed
-from .evaluation import evaluate, image_shape, prepare_for_eval, tighten_lipschitz
+from .evaluation import evaluate, image_shape, prepare_for_eval, save_grid, tighten_lipschitz
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .loaders import RunData, build_data
@@ -432,7 +432,7 @@ class Trainer:
     @torch.no_grad()
     def visualize(self) -> None:
         """Real images, samples from a fixed z, and reconstructions, as one grid (rank 0)."""
-        from torchvision.utils import make_grid, save_image
+        from torchvision.utils import make_grid
 
         model = self.model
         was_training = model.training
@@ -450,7 +450,7 @@ class Trainer:
         folder = os.path.join(self.save_dir, "imgs")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"e{self.epoch:03d}_i{self.step:06d}.png")
-        save_image(grid, path, nrow=VIS_IMAGES)
+        save_grid(grid, path, nrow=VIS_IMAGES)  # enlarged to be seen (nearest neighbour); TensorBoard gets it as is
         if self.writer:
             self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)
