@@ -9,7 +9,9 @@ is allocated, then multiplied by the block counts), plus the activations that at
 of the device it would use: the GPU's memory, or on the CPU the smallest of physical memory, the cgroup limit
 and ``ulimit -v`` / ``-d``; ``RESFLOWS_MEMORY_LIMIT_GB`` states a lower limit.
 
-The checkpoint readers call :func:`check_image_model` and :func:`check_toy_model` on the stored settings.
+A model of more than :data:`MAX_BLOCKS` blocks is refused too, whatever its memory: every block runs its power
+iterations when it is built, so it would take hours to build. The checkpoint readers call
+:func:`check_image_model` and :func:`check_toy_model` on the stored settings.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from .flags import ConfigError
 
 __all__ = [
     "MemoryBudgetError",
+    "MAX_BLOCKS",
+    "check_block_count",
     "memory_limit",
     "format_bytes",
     "image_model_numel",
@@ -38,6 +42,9 @@ __all__ = [
     "check_toy_model",
 ]
 
+# Blocks in one model at most: every block runs its power iterations when it is built (0.2-0.45 s a block on a
+# CPU for image models), so more would take hours to build before the first step (the paper's largest: 96).
+MAX_BLOCKS = 10_000
 FLOAT = 4  # bytes: weights, activations and optimiser state are float32
 # Copies of every parameter a training step holds: weights, EMA, gradients, Adam's two moments.
 TRAIN_COPIES = 5
@@ -112,6 +119,17 @@ def _refuse_if_too_large(parts: Dict[str, float], device: Any, hints: Dict[str, 
     detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
     raise MemoryBudgetError(f"{what} need at least {format_bytes(total)} of memory ({detail}), more than the "
                             f"{format_bytes(limit)} {where}; use {hints[biggest]}")
+
+
+def check_block_count(blocks: int, flag: str, value: Any) -> None:
+    """Raise :class:`MemoryBudgetError` for more than :data:`MAX_BLOCKS` blocks (a build that would take hours)."""
+    if blocks > MAX_BLOCKS:
+        raise MemoryBudgetError(f"{flag} {value} asks for {blocks} blocks; more than {MAX_BLOCKS} would take hours to "
+                                f"build (each block runs its power iterations when it is built); use fewer {flag}")
+
+
+def _image_blocks(mc) -> int:
+    return sum(mc.nblocks) + (mc.fc_nblocks if mc.fc_end else 0)
 
 
 def _meta_numel(build) -> Tuple[int, int]:
@@ -231,12 +249,17 @@ def image_run_estimate(cfg, mc=None, world_size: Optional[int] = None) -> Dict[s
 def check_image_run(cfg, mc=None, device: Any = None) -> None:
     """Raise :class:`MemoryBudgetError` (one line naming the estimate and the flags to lower) when the run
     ``cfg`` cannot fit the memory of its ``--device``."""
+    from .factory import model_config_from
+
+    mc = model_config_from(cfg) if mc is None else mc
     parts = image_run_estimate(cfg, mc)
     _refuse_if_too_large(parts, cfg.device if device is None else device, _IMAGE_HINTS, "these flags")
+    check_block_count(_image_blocks(mc), "--nblocks", "-".join(map(str, mc.nblocks)))
 
 
 def check_image_model(mc, device: Any = "cpu", what: str = "its settings") -> None:
     """Only the parameters and buffers of ``ResidualFlow(mc)`` (for a checkpoint's stored architecture)."""
+    check_block_count(_image_blocks(mc), "--nblocks", "-".join(map(str, mc.nblocks)) if len(mc.nblocks) < 20 else "")
     _refuse_if_too_large({"parameters": _bytes(_image_numel(mc), False) / 2}, device, _IMAGE_HINTS, what)
 
 
@@ -281,8 +304,10 @@ def toy_run_estimate(cfg) -> Dict[str, float]:
 def check_toy_run(cfg, device: Any = None) -> None:
     """Raise :class:`MemoryBudgetError` when the ``train_toy.py`` run ``cfg`` cannot fit in memory."""
     _refuse_if_too_large(toy_run_estimate(cfg), device, _TOY_HINTS, "these flags")
+    check_block_count(cfg.nblocks * (2 if cfg.arch == "realnvp" else 1), "--nblocks", cfg.nblocks)
 
 
 def check_toy_model(cfg, device: Any = "cpu", what: str = "its settings") -> None:
     """Only the parameters and buffers of ``build_toy_model(cfg)`` (for a checkpoint's stored settings)."""
+    check_block_count(cfg.nblocks * (2 if cfg.arch == "realnvp" else 1), "--nblocks", cfg.nblocks)
     _refuse_if_too_large({"parameters": _bytes(_toy_numel(cfg), False) / 2}, device, _TOY_HINTS, what)
