@@ -135,7 +135,7 @@ def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, An
     return child_result(proc)
 
 
-_OOM_SIGNS = ("MemoryError", "OutOfMemoryError", "out of memory", "can't allocate memory", "Cannot allocate memory")
+_OOM_SIGNS = ("MemoryError", "OutOfMemoryError", "out of memory", "out of GPU memory", "can't allocate memory", "Cannot allocate memory")
 
 
 def child_result(proc: subprocess.CompletedProcess) -> Dict[str, Any]:
