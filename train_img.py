@@ -22,6 +22,7 @@ import torch
 
 from resflows import evaluation
 from resflows.atomic import write_json
+from resflows.budget import check_image_run
 from resflows.checkpoint import read_checkpoint
 from resflows.checkpoint_checks import check_weights_fit
 from resflows.cli import merge_resume_config, parse_args
@@ -33,7 +34,7 @@ from resflows.factory import model_config_from
 from resflows.loaders import RunData, build_data
 from resflows.loading import load_weights
 from resflows.model import ResidualFlow
-from resflows.runlog import TrainingError, setup_logger, stop_on_signals
+from resflows.runlog import DeferredStop, TrainingError, setup_logger, stop_on_signals
 from resflows.runtime import check_precision, set_tf32, tune_cpu_runtime
 from resflows.trainer import Trainer, run_finished
 
@@ -44,20 +45,25 @@ def run(argv: Optional[Sequence[str]] = None, hook: Optional[Callable[[str, Trai
     """Parse, build, hand over to the Trainer. ``hook(stage, trainer)`` is called with stage 'ready'
     (before training) and 'done' (after), for tests and tooling."""
     with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
-        return _run(argv, hook, held)
+        pending = held.enter_context(DeferredStop())  # SIGTERM while starting or after the final save: exit 0
+        return _run(argv, hook, held, pending)
 
 
-def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], None]], held: contextlib.ExitStack) -> int:
+def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], None]], held: contextlib.ExitStack,
+         pending: DeferredStop) -> int:
     cfg, explicit = parse_args(argv, PROG)
+    if cfg.evaluate or cfg.sample:
+        pending.release()  # a signal simply ends an evaluation or sampling (nothing to save)
+        if pending.signal:
+            return 0
     dist = setup_distributed(cfg.device)
     if cfg.batchsize % dist.world_size:
         raise ConfigError(f"--batchsize {cfg.batchsize} is the global batch and must divide evenly over {dist.world_size} ranks")
-    if (cfg.evaluate or cfg.sample) and not cfg.resume:
-        raise ConfigError("--evaluate and --sample need a checkpoint: add --resume PATH")
     ckpt = None
     if cfg.resume:
         ckpt = read_checkpoint(cfg.resume, map_location="cpu")
         cfg = merge_resume_config(ckpt["config"], cfg, explicit, cfg.resume)
+        check_image_run(cfg)  # --sample, --val-batchsize, --batchsize with the checkpoint's architecture
         if model_config_from(cfg).architecture() != ModelConfig.from_dict(ckpt["model_config"]).architecture():
             check_weights_fit(cfg.resume, ckpt, model_config_from(cfg))  # before allocating the model
     if cfg.seed is None:
@@ -119,7 +125,7 @@ def _run(argv: Optional[Sequence[str]], hook: Optional[Callable[[str, Trainer], 
             return 0
     if hook:
         hook("ready", trainer)
-    with stop_on_signals(trainer):
+    with stop_on_signals(trainer, pending):
         trainer.fit()
     if hook:
         hook("done", trainer)

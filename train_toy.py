@@ -19,10 +19,10 @@ import torch
 
 from resflows.config import ConfigError
 from resflows.entry import SaveLock, prepare_save_dir, remove_leftovers, run_entry_point
-from resflows.runlog import setup_logger, stop_on_signals
+from resflows.runlog import DeferredStop, setup_logger, stop_on_signals
 from resflows.runtime import check_precision, set_tf32
 from resflows.toy import ToyConfig, ToyTrainer, build_toy_model
-from resflows.toy.cli import parse_args
+from resflows.toy.cli import parse_args, toy_device
 from resflows.toy.train import prepare_runtime
 
 PROG = "train_toy.py"
@@ -30,20 +30,17 @@ PROG = "train_toy.py"
 
 def pick_device(gpu: int) -> torch.device:
     """cuda:GPU when CUDA is available (as the paper), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if gpu >= torch.cuda.device_count():
-        raise ConfigError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return torch.device(f"cuda:{gpu}")
+    return toy_device(gpu)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> ToyTrainer:
     """Parse, build, train; returns the trainer (for tests and tooling)."""
     with contextlib.ExitStack() as held:  # the --save lock, released however the run ends
-        return _run(argv, held)
+        pending = held.enter_context(DeferredStop())  # SIGTERM while starting or after the final save: exit 0
+        return _run(argv, held, pending)
 
 
-def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTrainer:
+def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack, pending: DeferredStop) -> ToyTrainer:
     cfg: ToyConfig = parse_args(argv, PROG)
     device = pick_device(cfg.gpu)
     save_dir = prepare_save_dir(cfg.save)
@@ -65,7 +62,7 @@ def _run(argv: Optional[Sequence[str]], held: contextlib.ExitStack) -> ToyTraine
     trainer = ToyTrainer(cfg, model, device, save_dir)
     trainer.open_writer()
     try:
-        with stop_on_signals(trainer):
+        with stop_on_signals(trainer, pending):
             trainer.fit()
     finally:
         trainer.close()

@@ -66,41 +66,57 @@ def _test_images(cfg, n):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sys.path.insert(0, HERE)
+    from common import BenchError, OneLineArgumentParser, check_json_path, child_result, int_at_least, write_results
+
+    p = OneLineArgumentParser(prog="bench_inverse.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_inverse.json"))
+    p.add_argument("--samples", type=int_at_least(1), default=64)
+    p.add_argument("--rounds", type=int_at_least(1), default=3)
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_inverse.json"),
+                   help="results file, replaced only when every measurement succeeds")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", default="fixed-point", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="fixed-point", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return 0
+    try:
+        check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
+    from resflows.checkpoint import CheckpointError, read_checkpoint
+
+    try:  # a missing, damaged or foreign checkpoint: one line, before any measurement
+        read_checkpoint(args.checkpoint, map_location="cpu")
+    except CheckpointError as e:
+        raise BenchError(f"{e}; {args.json} left unchanged") from None
     runs = []
     for r in range(args.rounds):
         for method in METHODS:
             cmd = [sys.executable, os.path.abspath(__file__), args.checkpoint, "--child", "--method", method,
                    "--samples", str(args.samples)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            res = json.loads(lines[-1]) if lines else {"method": method, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+            res = {"method": method, **child_result(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO))}
             res["round"] = r
             runs.append(res)
-            print(json.dumps(res), flush=True)
+            print(json.dumps({k: v for k, v in res.items() if k != "bug_report"}), flush=True)
     summary = {}
     for method in METHODS:
         ok = [x for x in runs if x["method"] == method and "images_per_s" in x]
         if ok:
             summary[method] = {k: statistics.median(x[k] for x in ok)
                                for k in ("images_per_s", "evals_per_block", "max_reconstruction_error", "load")}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "samples": args.samples, "runs": runs, "summary": summary}, f, indent=2)
+    from common import report_failures
+
+    report_failures(runs)
     print(json.dumps(summary, indent=1))
+    write_results(args.json, {"checkpoint": args.checkpoint, "samples": args.samples, "runs": runs, "summary": summary})
     print(f"wrote {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, HERE)
+    from common import run_main
+
+    sys.exit(run_main(main, "bench_inverse.py"))

@@ -19,7 +19,6 @@ of the 297 test images is timed from the run's log. The
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -33,6 +32,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from common import BenchError, OneLineArgumentParser, check_json_path, int_at_least, run_main, write_results  # noqa: E402
+
 FLAGS = ["--data", "mnist", "--imagesize", "28", "--nblocks", "2-2-2", "--idim", "64", "--batchsize", "64",
          "--seed", "1", "--nworkers", "0", "--nepochs", "1", "--print-freq", "1000", "--vis-freq", "100000"]
 BATCH = 64
@@ -71,14 +74,16 @@ def run(tree: str, dataroot: str, save: str, timeout: int, extra=()) -> dict:
                 break
             if time.perf_counter() > deadline:
                 proc.kill()
-                raise SystemExit(f"bench_process.py: train_img.py in {tree} ran past --timeout {timeout} s")
+                raise BenchError(f"train_img.py in {tree} ran past --timeout {timeout} s; no results file was written")
             time.sleep(0.05)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             last = (err.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-            raise SystemExit(f"bench_process.py: train_img.py in {tree} failed: {last}")
+            if proc.returncode == -9 or "out of memory" in last:
+                last = "it ran out of memory (or was killed)" if proc.returncode == -9 else last
+            raise BenchError(f"train_img.py in {tree} failed: {last}; no results file was written")
     return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 1024**2, "validation_s": validation_seconds(save)}
 
 
@@ -114,16 +119,19 @@ def _median(values):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p = OneLineArgumentParser(prog="bench_process.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int_at_least(1), default=3)
     p.add_argument("--baseline", help="another source tree (e.g. an older commit unpacked with git archive)")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per train_img.py process")
+    p.add_argument("--timeout", type=int_at_least(1), default=1800, help="seconds per train_img.py process")
     p.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "bf16"],
                    help="run every tree with each of these --precision values, interleaved")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_process.json"))
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_process.json"),
+                   help="results file, replaced only when every measurement succeeds")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
+    try:
+        check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
     trees = {"this": REPO}
     if args.baseline:
         if not os.path.isfile(os.path.join(args.baseline, "train_img.py")):
@@ -160,11 +168,9 @@ def main(argv=None) -> int:
         summary[f"step_ratio_{args.precision[1]}_over_{args.precision[0]}_median"] = statistics.median(
             r[b]["step_s"] / r[a]["step_s"] for r in rounds)
     print(json.dumps(summary))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"flags": FLAGS, "cpu": cpu(), "rounds": rounds, "summary": summary}, f, indent=1)
+    write_results(args.json, {"flags": FLAGS, "cpu": cpu(), "rounds": rounds, "summary": summary}, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "bench_process.py"))

@@ -70,31 +70,62 @@ def measure(tree: str, nblocks: int, args) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads or 0)]
     cmd += ["--flags=" + " ".join(args.flags)] if args.flags else []
     env = dict(os.environ, PYTHONPATH=tree)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, timeout=args.timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(lines[-1])
+    from common import child_result
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    return child_result(proc)
+
+
+def _at_least(low: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}")
+        return v
+    return parse
+
+
+def build_parser(cls=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = cls(prog="bench_toy.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nblocks", type=_at_least(1), nargs="+", default=[10, 100])
+    p.add_argument("--steps", type=_at_least(1), default=10)
+    p.add_argument("--warmup", type=_at_least(0), default=3)
+    p.add_argument("--rounds", type=_at_least(1), default=1)
+    p.add_argument("--baseline", help="another source tree (e.g. an older commit unpacked with git archive)")
+    p.add_argument("--threads", type=_at_least(0), default=None, help="torch.set_num_threads in the measured process")
+    p.add_argument("--flags", type=lambda s: s.split(), default=[], help="extra train_toy.py flags, one string")
+    p.add_argument("--timeout", type=_at_least(1), default=3600)
+    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_toy.json"),
+                   help="results file, replaced only when every measurement succeeds")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tree", default=REPO, help=argparse.SUPPRESS)
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nblocks", type=int, nargs="*", default=[10, 100])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--baseline", help="another source tree (e.g. an older commit unpacked with git archive)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the measured process")
-    p.add_argument("--flags", type=lambda s: s.split(), default=[], help="extra train_toy.py flags, one string")
-    p.add_argument("--timeout", type=int, default=3600)
-    p.add_argument("--json", default=os.path.join(HERE, "results", "bench_toy.json"))
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--tree", default=REPO, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--child" in argv:  # the measured process imports nothing from this tree before --tree's resflows
+        args = build_parser().parse_args(argv)
         args.nblocks = args.nblocks[0]
         child(args)
         return 0
+    sys.path.insert(0, HERE)
+    from common import BenchError, OneLineArgumentParser, check_json_path, write_results
+
+    p = build_parser(OneLineArgumentParser)
+    args = p.parse_args(argv)
+    try:
+        check_json_path(args.json)
+        if args.baseline and not os.path.isdir(os.path.join(args.baseline, "resflows")):
+            raise BenchError(f"--baseline {args.baseline}: no resflows package there")
+    except BenchError as e:
+        p.error(str(e))
     trees = ([("baseline", os.path.abspath(args.baseline))] if args.baseline else []) + [("this tree", REPO)]
     runs = []
     for r in range(args.rounds):
@@ -118,13 +149,21 @@ def main(argv=None) -> int:
                 if ratios:
                     row[f"speedup_{k[:-2]}"] = statistics.median(ratios)
         summary.append(row)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"argv": sys.argv[1:], "cpus": os.cpu_count(), "runs": runs, "summary": summary}, f, indent=2)
     print(json.dumps(summary, indent=1))
+    write_results(args.json, {"argv": argv, "cpus": os.cpu_count(), "runs": runs, "summary": summary})
     print(f"wrote {args.json}")
     return 0
 
 
+def _entry(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--child" in argv:
+        return main(argv)
+    sys.path.insert(0, HERE)
+    from common import run_main
+
+    return run_main(lambda: main(argv), "bench_toy.py")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())

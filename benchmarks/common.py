@@ -135,14 +135,31 @@ def run_child(script: str, args: List[str], timeout: int = 3600) -> Dict[str, An
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
+    return child_result(proc)
+
+
+_OOM_SIGNS = ("MemoryError", "OutOfMemoryError", "out of memory", "out of GPU memory", "can't allocate memory", "Cannot allocate memory")
+
+
+def child_result(proc: subprocess.CompletedProcess) -> Dict[str, Any]:
+    """The JSON line a measuring child printed, or ``{"error": one line}``: a child that ran out of memory
+    (a ``MemoryError``, CUDA's out-of-memory error, or killed by SIGKILL, as the kernel's OOM killer does)
+    is reported as such; one that died of a bug also gets ``"bug_report"``, its whole stderr."""
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        last = (proc.stderr.strip().splitlines() or [f"exited with status {proc.returncode} and no message"])[-1]
-        out: Dict[str, Any] = {"error": last}
-        if proc.returncode == EXIT_BUG or "Traceback" in proc.stderr:
-            out["bug_report"] = proc.stderr
-        return out
-    return json.loads(lines[-1])
+    if proc.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            return {"error": f"printed a malformed result line: {lines[-1][:80]}"}
+    err = proc.stderr or ""
+    last = (err.strip().splitlines() or [f"exited with status {proc.returncode} and no message"])[-1]
+    if proc.returncode == -9 or any(sign in err for sign in _OOM_SIGNS):
+        how = "was killed (SIGKILL, as the kernel does when memory runs out)" if proc.returncode == -9 else "ran out of memory"
+        return {"error": f"the measurement {how}; use a smaller configuration or --batch"}
+    out: Dict[str, Any] = {"error": " ".join(last.split())}
+    if proc.returncode == EXIT_BUG or "Traceback" in err:
+        out["bug_report"] = err
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,20 +225,21 @@ def parse_bench_args(p: argparse.ArgumentParser, argv, results_name: str) -> arg
     return args
 
 
-def write_results(path: str, record: Dict[str, Any]) -> None:
+def write_results(path: str, record: Dict[str, Any], indent: int = 2) -> None:
     """Writes the results file atomically, and only if every measurement succeeded.
 
     A failed measurement raises :class:`BenchError` naming it, and the existing file (tracked results in
     ``benchmarks/results/``) is left as it was.
     """
-    for row in record["results"]:
+    for row in record.get("results", record.get("runs", [])):
         if "error" in row:
-            what = " ".join(f"{k} {row[k]}" for k in ("config", "mode", "terms") if k in row)
+            what = " ".join(f"{k} {row[k]}" for k in ("config", "mode", "terms", "method", "nblocks", "tree", "round")
+                            if k in row)
             raise BenchError(f"measurement {what} failed: {row['error']}; {path} left unchanged")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(record, f, indent=indent)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -19,7 +19,6 @@ its skip conditions working; its CPU self-checks run in ``make test``), and exit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -82,12 +81,15 @@ def run_bench(config: str, env: dict, timeout: int, steps: int, warmup: int, pre
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sys.path.insert(0, HERE)
+    from common import OneLineArgumentParser, int_at_least
+
+    p = OneLineArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-bench", action="store_true", help="run the cuda tests only")
-    p.add_argument("--test-timeout", type=int, default=900, help="seconds for the cuda tests")
-    p.add_argument("--bench-timeout", type=int, default=600, help="seconds per benchmark process")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--test-timeout", type=int_at_least(1), default=900, help="seconds for the cuda tests")
+    p.add_argument("--bench-timeout", type=int_at_least(1), default=600, help="seconds per benchmark process")
+    p.add_argument("--steps", type=int_at_least(1), default=10)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
     p.add_argument("--json", default=os.path.join(HERE, "results", "gpu.json"))
     args = p.parse_args(argv)
 

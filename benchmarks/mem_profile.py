@@ -11,7 +11,6 @@ writes results/mem_profile.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,16 +18,40 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MODES, bench_trainer, machine, peak_rss_mb, rss_mb, train_config  # noqa: E402
+from common import (  # noqa: E402
+    CONFIGS,
+    MODES,
+    BenchError,
+    OneLineArgumentParser,
+    bench_trainer,
+    check_device,
+    check_json_path,
+    machine,
+    peak_rss_mb,
+    rss_mb,
+    run_main,
+    train_config,
+    write_results,
+)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="mnist")
+    p = OneLineArgumentParser(prog="mem_profile.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="mnist", choices=sorted(CONFIGS))
     p.add_argument("--mode", default="both", choices=sorted(MODES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "mem_profile.json"))
+    p.add_argument("--json", default=os.path.join(HERE, "results", "mem_profile.json"),
+                   help="results file, replaced only when the profile succeeds")
     args = p.parse_args(argv)
+    try:
+        args.device = check_device(args.device)
+        check_json_path(args.json)
+    except BenchError as e:
+        p.error(str(e))
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     import torch
     from torch.profiler import profile
@@ -64,12 +87,10 @@ def main(argv=None) -> int:
     out = {"machine": machine(), "config": args.config, "mode": args.mode, "peak_mb": round(totals[i] / 2**20, 1),
            "at_peak_mb": at_peak, "peak_at_fraction_of_step": round((times[i] - times[0]) / max(times[-1] - times[0], 1), 3),
            "rss_before_step_mb": round(base, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    write_results(args.json, out)
     print(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "mem_profile.py"))

@@ -44,9 +44,17 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
         explicit["precision"] = "tf32"
     cfg = TrainConfig(**explicit)
     try:
-        validate_config(cfg)
         _check_run_flags(cfg, explicit)
+        # With --resume the architecture is the checkpoint's (merge_resume_config checks the merged flags); the
+        # strings typed here are still checked for their syntax.
+        validate_config(cfg, model=not cfg.resume)
+        if cfg.resume:
+            _check_typed_strings(explicit)
         check_device(cfg.device)
+        if not cfg.resume:  # (with --resume the architecture is the checkpoint's: train_img.py checks it after reading)
+            from .budget import check_image_run
+
+            check_image_run(cfg)
     except ConfigError as e:
         parser.error(str(e))
     return cfg, set(explicit)
@@ -55,11 +63,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_img.py")
 def _check_run_flags(cfg: TrainConfig, explicit: Set[str]) -> None:
     # Without a positive --sample, --resume would resume *training* in the checkpoint's run folder and
     # overwrite its checkpoints: a sampling flag must never fall through to that.
+    if (cfg.evaluate or cfg.sample) and not cfg.resume:
+        raise ConfigError("--evaluate and --sample need a checkpoint: add --resume PATH")
     if "sample" in explicit and cfg.sample == 0:
         raise ConfigError("--sample 0 writes no samples; give the number of samples to draw, e.g. --sample 64")
     for flag in ("temp", "nrow"):
         if flag in explicit and not cfg.sample:
             raise ConfigError(f"--{flag} only applies when sampling: add --sample N (with --resume CKPT)")
+
+
+def _check_typed_strings(explicit: dict) -> None:
+    from .config import parse_int_tuple, parse_vnorms
+
+    for name in ("nblocks", "kernels"):
+        if name in explicit:
+            parse_int_tuple(explicit[name], f"--{name}")
+    if "vnorms" in explicit:
+        parse_vnorms(explicit["vnorms"])
 
 
 def check_device(device: str) -> None:

@@ -37,6 +37,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "parse_act",
+    "n_scales",
+    "check_scales",
     "parse_bool",
     "parse_int_tuple",
     "parse_vnorms",
@@ -82,6 +84,37 @@ def parse_vnorms(value: Any) -> Tuple[float, ...]:
 
 def format_vnorms(vnorms: Tuple[float, ...]) -> str:
     return "".join("f" if v == INF else str(int(v)) for v in vnorms)
+
+
+def n_scales(h: int, w: int) -> int:
+    """Number of halvings while both H and W stay >= 4 (the paper's _calc_n_scale)."""
+    n = 0
+    while h >= 4 and w >= 4:
+        n += 1
+        h, w = h // 2, w // 2
+    return n
+
+
+def check_scales(cfg: "ModelConfig") -> None:
+    """``--nblocks`` has no more scales than the model input allows, and every scale but the last can be
+    squeezed (even feature map): flag-only rules, so they are checked when parsing (and for a checkpoint's flags)."""
+    c, h, w = cfg.input_size
+    if cfg.squeeze_first:
+        h, w = h // 2, w // 2
+    possible = n_scales(h, w)
+    if len(cfg.nblocks) > possible:
+        raise ConfigError(
+            f"--nblocks {'-'.join(map(str, cfg.nblocks))} asks for {len(cfg.nblocks)} scales, but a {h}x{w} model input "
+            f"allows at most {possible} (each scale halves H and W, which must stay >= 4); "
+            f"use fewer entries in --nblocks or a larger --imagesize"
+        )
+    for i in range(len(cfg.nblocks) - 1):
+        if h % 2 or w % 2:
+            raise ConfigError(
+                f"scale {i} has a {h}x{w} feature map, which cannot be squeezed (odd size); "
+                f"choose an --imagesize that halves evenly {len(cfg.nblocks) - 1} times, or fewer --nblocks entries"
+            )
+        h, w = h // 2, w // 2
 
 
 def parse_act(s: str) -> str:
@@ -194,6 +227,7 @@ class ModelConfig:
         c, h, w = self.input_size
         if self.squeeze_first and (h % 2 or w % 2):
             raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
+        check_scales(self)
 
     def _validate_densenet(self) -> None:
         if self.block != "resblock":
@@ -342,13 +376,22 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> None:
+    def validate(self, model: bool = True) -> None:
         """Types, ranges and choices of every field (the same rules as the command line, for a config read
-        from a checkpoint too) and the checks that involve two flags; raises :class:`ConfigError`."""
+        from a checkpoint too) and the checks that involve two flags; with ``model``, also the rules of the
+        model these flags describe (:class:`ModelConfig`'s). Raises :class:`ConfigError`."""
         check_fields(self)
         if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
             raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
         check_choices(self)
+        if not self.save:
+            raise ConfigError("--save is empty; give an output folder, e.g. --save experiments/run1")
+        # The model's own rules (--nblocks, --kernels, --vnorms, the i-DenseNets combinations, the scales the
+        # image size allows) need only the flags: checked here, before anything is created.
+        if model:
+            from .factory import model_config_from
+
+            model_config_from(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -366,10 +409,11 @@ class TrainConfig:
         return cfg
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """The rules the command line enforces (types, ranges, choices), for any TrainConfig: parsed from
-    flags, or read from a checkpoint. Raises ConfigError with a one-line message naming the flag."""
-    cfg.validate()
+def validate_config(cfg: TrainConfig, model: bool = True) -> None:
+    """The rules the command line enforces (types, ranges, choices, and with ``model`` the model's own rules),
+    for any TrainConfig: parsed from flags, or read from a checkpoint. Raises ConfigError with a one-line
+    message naming the flag."""
+    cfg.validate(model=model)
 
 
 # The range tables, derived from the fields (a test checks that every numeric field has one).

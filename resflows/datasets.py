@@ -8,6 +8,7 @@ and a resumed run sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import logging
@@ -15,7 +16,9 @@ import math
 import os
 import shutil
 import socket
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -35,6 +38,8 @@ __all__ = [
     "get_spec",
     "build_dataset",
     "digits_arrays",
+    "check_mnist_raw",
+    "check_levels",
 ]
 
 Tensor = torch.Tensor
@@ -88,6 +93,19 @@ class PthImages(Dataset):
         return self.data[i].clone(), 0
 
 
+def check_levels(data: Tensor, nvals: int, path: str, script: str = "") -> None:
+    """Every value of ``data`` is a level below ``nvals`` (read in chunks: the file may be memory-mapped).
+    Levels out of range (an 8-bit file where 5-bit data is expected) would make every loss non-finite."""
+    step = max(1, (1 << 26) // max(1, data[0].numel())) if len(data) else 1
+    for i in range(0, len(data), step):
+        top = int(data[i: i + step].max())
+        if top >= nvals:
+            hint = f"; rebuild it with {script}" if script else ""
+            raise DataNotFoundError(f"{path} holds pixel levels up to {top} (found in images {i} to "
+                                    f"{min(i + step, len(data)) - 1}), but this dataset has {nvals} levels, "
+                                    f"0 to {nvals - 1}{hint} (with --max-value {nvals - 1})")
+
+
 def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as uint8 levels 0..16 ([1797, 8, 8]) and labels."""
     try:
@@ -138,15 +156,56 @@ class _TorchvisionImages(Dataset):
         return self.tf(img), int(y)
 
 
+# (the URL of DATASETS["mnist"], which is defined below)
+_MNIST_WHAT = "download it again from https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
 def _gunzip_mnist(root: str) -> None:
     # Users often drop the .gz files in place; torchvision only looks for the extracted ones.
     raw = os.path.join(root, "MNIST", "raw")
     for name in DATASETS["mnist"].files.files:
         target, gz = os.path.join(raw, name), os.path.join(raw, name + ".gz")
         if not os.path.exists(target) and os.path.exists(gz):
-            with gzip.open(gz, "rb") as src, open(target + ".part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with gzip.open(gz, "rb") as src, open(target + ".part", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut file ends in EOFError
+                with contextlib.suppress(OSError):
+                    os.remove(target + ".part")
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise  # a full disk or a permission: describe_error names the file and the reason
+                raise DataNotFoundError(f"{gz} is not a complete gzip file ({type(e).__name__}); delete it and "
+                                        f"{_MNIST_WHAT}") from None
             os.replace(target + ".part", target)
+
+
+def check_mnist_raw(root: str) -> None:
+    """Check the headers of the extracted MNIST idx files under ``root/MNIST/raw`` (magic number, sizes that
+    match the file's length, 28x28 images), so that a damaged file is named in one line instead of failing
+    inside torchvision."""
+    raw = os.path.join(root, "MNIST", "raw")
+    for name in DATASETS["mnist"].files.files:
+        path = os.path.join(raw, name)
+        if not os.path.isfile(path):
+            continue  # missing files: torchvision's check, then the message of _torchvision
+        images = "images" in name
+        ndim = 3 if images else 1
+        with open(path, "rb") as f:
+            header = f.read(4 + 4 * ndim)
+        size = os.path.getsize(path)
+        problem = None
+        if len(header) < 4 + 4 * ndim:
+            problem = f"it is only {size} bytes long"
+        else:
+            magic, *dims = struct.unpack(f">{1 + ndim}I", header)
+            if magic != (2051 if images else 2049):
+                problem = f"it does not start with the idx magic number of MNIST {'images' if images else 'labels'}"
+            elif images and tuple(dims[1:]) != (28, 28):
+                problem = f"it holds {dims[1]}x{dims[2]} images, not 28x28"
+            elif size != len(header) + math.prod(dims):
+                problem = f"its header announces {dims[0]} items but the file has {size} bytes (truncated?)"
+        if problem:
+            raise DataNotFoundError(f"{path} is not a valid MNIST idx file ({problem}); delete it and {_MNIST_WHAT}")
 
 
 def _torchvision(name: str, root: str, train: bool):
@@ -155,6 +214,7 @@ def _torchvision(name: str, root: str, train: bool):
     tv = get_spec(name).files
     if tv.gunzip:
         _gunzip_mnist(root)
+        check_mnist_raw(root)
 
     def make(download: bool):
         split = dict(split="train" if train else "test") if tv.split_arg else dict(train=train)
@@ -377,6 +437,8 @@ def build_dataset(name: str, train: bool, dataroot: str = "data", imagesize: Opt
             raise DataNotFoundError(
                 f"{path} holds {'x'.join(map(str, source.data.shape[1:]))} images, but --data {name} needs "
                 f"{'x'.join(map(str, expected))}; rebuild it with {files.script}")
+        if spec.file_levels is None and spec.nvals(nbits) < 256:  # files holding fewer levels (celeba_5bit)
+            check_levels(source.data, spec.nvals(nbits), path, files.script)
     augment: list = []
     if train and (spec.crop == "always" or (spec.crop == "classification" and task in ("classification", "hybrid"))):
         augment.append(_random_crop(4, rcrop_pad_mode))

@@ -25,7 +25,7 @@ from .losses import ModelForward, compute_loss
 from .runlog import TrainingError, progress
 
 __all__ = ["TIGHT_LIPSCHITZ", "SAMPLE_CHUNK", "image_shape", "tighten_lipschitz", "prepare_for_eval", "evaluate",
-           "draw_samples", "save_samples"]
+           "draw_samples", "save_samples", "GRID_MIN_WIDTH", "grid_scale", "save_grid"]
 
 logger = logging.getLogger("resflows")
 
@@ -106,13 +106,33 @@ def draw_samples(model, n: int, temp: float, channels: int, device: Optional[tor
     return torch.cat(chunks)
 
 
-def save_samples(model, n: int, temp: float, folder: str, channels: int, nrow: Optional[int] = None,
-                 device: Optional[torch.device] = None) -> str:
-    """A PNG grid of :func:`draw_samples` at ``folder/samples_n{n}_t{temp}.png``; returns its path."""
+GRID_MIN_WIDTH = 512  # pixels: grids of small images are enlarged (nearest neighbour) to at least this width
+
+
+def grid_scale(width: int, ncols: int, min_width: int = GRID_MIN_WIDTH) -> int:
+    """The integer factor that makes ``ncols`` images of ``width`` pixels at least ``min_width`` wide (1: as is)."""
+    return max(1, math.ceil(min_width / max(1, width * ncols)))
+
+
+def save_grid(images: torch.Tensor, path: str, nrow: int, min_width: int = GRID_MIN_WIDTH) -> int:
+    """``images`` [N, C, H, W] in [0, 1] as a PNG grid of ``nrow`` columns, each image enlarged by nearest
+    neighbour (an integer factor, so every pixel stays a sharp square) until the rows are at least ``min_width``
+    pixels wide; returns the factor. (An 8x8 digit is unreadable at 8 pixels; a 64x64 image is left as is.)"""
     from torchvision.utils import save_image
 
+    scale = grid_scale(images.shape[-1], min(nrow, images.shape[0]), min_width)
+    if scale > 1:
+        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    save_image(images, path, nrow=nrow, padding=2 * scale)
+    return scale
+
+
+def save_samples(model, n: int, temp: float, folder: str, channels: int, nrow: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> str:
+    """A PNG grid of :func:`draw_samples` at ``folder/samples_n{n}_t{temp}.png`` (enlarged to at least
+    :data:`GRID_MIN_WIDTH` pixels, see :func:`save_grid`); returns its path."""
     images = draw_samples(model, n, temp, channels, device)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"samples_n{n}_t{temp:g}.png")
-    save_image(images, path, nrow=nrow or max(int(math.sqrt(n)), 1))
+    save_grid(images.cpu(), path, nrow=nrow or max(int(math.sqrt(n)), 1))
     return path

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_images, check_latent
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig, check_scales, n_scales
 from .layers import (
     ActNorm1d,
     ActNorm2d,
@@ -46,15 +46,6 @@ Tensor = torch.Tensor
 Size = Tuple[int, int, int]
 
 __all__ = ["ResidualFlow", "n_scales"]
-
-
-def n_scales(h: int, w: int) -> int:
-    """Number of halvings while both H and W stay >= 4 (the paper's _calc_n_scale)."""
-    n = 0
-    while h >= 4 and w >= 4:
-        n += 1
-        h, w = h // 2, w // 2
-    return n
 
 
 class _HeadActNorm(ActNorm2d):
@@ -266,13 +257,7 @@ class ResidualFlow(FlowUpkeep):
         # Public entry points check that x (or z) is finite and x in [0, 1]: a min/max, i.e. a device
         # synchronisation on GPUs. The trainer turns this off (its data pipeline yields valid images).
         self.check_values = True
-        possible = n_scales(h, w)
-        if len(config.nblocks) > possible:
-            raise ConfigError(
-                f"--nblocks {'-'.join(map(str, config.nblocks))} asks for {len(config.nblocks)} scales, but a {h}x{w} model input "
-                f"allows at most {possible} (each scale halves H and W, which must stay >= 4); "
-                f"use fewer entries in --nblocks or a larger --imagesize"
-            )
+        check_scales(config)  # (ModelConfig checks it too; a config changed after construction is checked here)
         self.n_scale = len(config.nblocks)
         builder = _StackBuilder(config)
         transforms = []
@@ -280,11 +265,6 @@ class ResidualFlow(FlowUpkeep):
         size = (c, h, w)
         for i in range(self.n_scale):
             last = i == self.n_scale - 1
-            if not last and (size[1] % 2 or size[2] % 2):
-                raise ConfigError(
-                    f"scale {i} has a {size[1]}x{size[2]} feature map, which cannot be squeezed (odd size); "
-                    f"choose an --imagesize that halves evenly {self.n_scale - 1} times, or fewer --nblocks entries"
-                )
             init_layer = self._init_layer() if i == 0 else None
             if i == 0:
                 # The paper's model also keeps its input layer as ``init_layer``: for Normalize that is two

@@ -10,9 +10,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any, Iterator, Optional
 
-__all__ = ["MAX_NONFINITE_STEPS", "TrainingError", "skipped_nonfinite_step", "setup_logger", "progress", "stop_on_signals"]
+__all__ = ["MAX_NONFINITE_STEPS", "TrainingError", "skipped_nonfinite_step", "setup_logger", "progress", "stop_on_signals",
+           "DeferredStop"]
 
 # Steps skipped in a row for a non-finite loss or gradient before the run gives up: one bad batch is
 # noise, five in a row mean the weights have diverged.
@@ -65,10 +67,43 @@ def progress(iterable, enabled: bool, **kw):
     return tqdm(iterable, disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
 
 
+class DeferredStop:
+    """SIGTERM / SIGINT outside the training loop (while a run starts, after its final save) are recorded
+    instead of killing the process with status 143: a stop recorded before the loop is handed to it by
+    :func:`stop_on_signals` (which saves at the end of the first step and stops, status 0, as the README
+    promises), one after the final save changes nothing. A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "DeferredStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def release(self) -> None:
+        """The previous handlers again (e.g. for an evaluation, which a signal should simply end)."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @contextlib.contextmanager
-def stop_on_signals(trainer: Any) -> Iterator[None]:
+def stop_on_signals(trainer: Any, pending: Optional[DeferredStop] = None) -> Iterator[None]:
     """SIGTERM / SIGINT set ``trainer.stop_signal``, so that the loop saves at the next step and stops
-    cleanly; a second SIGINT interrupts at once."""
+    cleanly; a second SIGINT interrupts at once. A signal ``pending`` recorded during start-up counts."""
+    if pending is not None and pending.signal and not trainer.stop_signal:
+        trainer.stop_signal = pending.signal
     previous = {}
 
     def handler(signum, frame):

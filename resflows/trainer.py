@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError, nonfinite_tensors, rng_state, save_chec
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_buffers, is_distributed, rank_seed
 from .entry import best_checkpoint_name, remove_own_file
-from .evaluation import evaluate, image_shape, prepare_for_eval
+from .evaluation import evaluate, image_shape, prepare_for_eval, save_grid
 from .factory import nvals_of
 from .layers.lipschitz import norm_order_gradients
 from .layers.precision import branch_dtype
@@ -335,7 +335,9 @@ class Trainer:
                 metrics.update({k: sum(a[k] for a in accum) / len(accum) for k in accum[0]})
                 self.log_step(metrics)
             accum = []
-            if self.step % cfg.vis_freq == 0 and self.dist.is_main:
+            # Only after a step taken: a skipped non-finite step would draw the same grid again (from step 0's
+            # weights on and on, each costing seconds) from the batch that just failed.
+            if metrics is not None and self.step % cfg.vis_freq == 0 and self.dist.is_main:
                 self.visualize()
             if cfg.max_iters is not None and self.step >= cfg.max_iters:
                 logger.info("reached --max-iters %d", cfg.max_iters)
@@ -385,10 +387,12 @@ class Trainer:
             self.stop_signal = "a stop signal on another rank"
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
+            last = os.path.join(self.save_dir, "models", "most_recent.pth")
+            where = (f"the last good checkpoint is {last}" if os.path.isfile(last) else
+                     "no checkpoint was written yet (the run stopped before its first save)")
             self.nonfinite_in_a_row = skipped_nonfinite_step(
                 self.nonfinite_in_a_row, self.itr,
-                f"the last good checkpoint is in {os.path.join(self.save_dir, 'models')}. "
-                f"Try a lower --lr, a longer --warmup-iters or a smaller --coeff")
+                f"{where}. Try a lower --lr, a longer --warmup-iters or a smaller --coeff, and check the data")
             return None
         self.nonfinite_in_a_row = 0
         if self.cfg.learn_p:
@@ -472,7 +476,7 @@ class Trainer:
     @full_float32()
     def visualize(self) -> None:
         """Real images, samples from a fixed z, and reconstructions, as one grid (rank 0)."""
-        from torchvision.utils import make_grid, save_image
+        from torchvision.utils import make_grid
 
         model = self.model
         was_training = model.training
@@ -490,7 +494,7 @@ class Trainer:
         folder = os.path.join(self.save_dir, "imgs")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"e{self.epoch:03d}_i{self.step:06d}.png")
-        save_image(grid, path, nrow=VIS_IMAGES)
+        save_grid(grid, path, nrow=VIS_IMAGES)  # enlarged to be seen (nearest neighbour); TensorBoard gets it as is
         if self.writer:
             self.writer.add_image("real_samples_reconstructions", make_grid(grid, nrow=VIS_IMAGES), self.step)
         model.train(was_training)

@@ -720,3 +720,161 @@ def test_sigkill_between_a_new_best_and_deleting_the_one_it_displaced(trained, t
     assert sorted(b[1] for b in torch.load(models / "most_recent.pth", weights_only=True)["best"]) == [1, 2, 3, 4, 6]
     assert train_img.main(argv + ["--max-iters", "32"]) == 0
     assert sorted(n for n in os.listdir(models) if n.startswith("checkpt-")) == [f"checkpt-{e:04d}.pth" for e in (1, 2, 3, 4, 6)]
+
+
+# -- flag-only rules and sizes: refused when parsing, before --save exists (exit 2, nothing created) ----------------
+def _celeba_5bit_8bit_levels(tmp, run, monkeypatch):
+    folder = tmp / "data" / "celebahq64_5bit"
+    folder.mkdir(parents=True)
+    torch.save(torch.randint(0, 256, (60, 3, 64, 64), dtype=torch.uint8), folder / "celeba_full_64x64_5bit.pth")
+
+
+def _mnist_raw(files: dict):
+    def setup(tmp, run, monkeypatch):
+        raw = tmp / "data" / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name, data in files.items():
+            (raw / name).write_bytes(data)
+    return setup
+
+
+def _truncated_gz() -> bytes:
+    import gzip
+
+    return gzip.compress(b"\x00\x00\x08\x03" + os.urandom(5000))[:200]  # incompressible: the cut loses data
+
+
+def _memory_limit(gb: str):
+    def setup(tmp, run, monkeypatch):
+        monkeypatch.setenv("RESFLOWS_MEMORY_LIMIT_GB", gb)
+    return setup
+
+
+def _never_finite(tmp, run, monkeypatch):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: torch.tensor(float("nan")))
+
+
+NEW_RUN = ["--max-iters", "1", "--save", "{tmp}/new"]
+MNIST = TINY[2:] + ["--data", "mnist", "--imagesize", "28", "--dataroot", "{tmp}/data", "--max-iters", "1", "--save", "{tmp}/new"]
+FLAG_CASES = [
+    Case("nblocks-empty", TINY + ["--nblocks", ""] + NEW_RUN, 2, r"--nblocks must be positive integers joined by '-'", gone=["new"]),
+    Case("nblocks-2-x", TINY + ["--nblocks", "2-x"] + NEW_RUN, 2, r"--nblocks must be positive integers .* got '2-x'", gone=["new"]),
+    Case("nblocks-0-1", TINY + ["--nblocks", "0-1"] + NEW_RUN, 2, r"--nblocks must be positive integers .* got '0-1'", gone=["new"]),
+    Case("vnorms-2x22", TINY + ["--vnorms", "2x22"] + NEW_RUN, 2, r"--vnorms takes one norm order per character", gone=["new"]),
+    Case("vnorms-too-few", TINY + ["--vnorms", "22"] + NEW_RUN, 2, r"--vnorms needs one more order than --kernels", gone=["new"]),
+    Case("kernels-3-2-3", TINY + ["--kernels", "3-2-3"] + NEW_RUN, 2, r"--kernels must be odd sizes", gone=["new"]),
+    Case("kernels-empty", TINY + ["--kernels", ""] + NEW_RUN, 2, r"--kernels must be positive integers", gone=["new"]),
+    Case("densenet-coupling", TINY + ["--densenet", "True", "--block", "coupling"] + NEW_RUN, 2, r"drop --block coupling", gone=["new"]),
+    Case("densenet-odd-growth-clipswish", TINY + ["--densenet", "True", "--densenet_growth", "33", "--act", "CLipSwish"] + NEW_RUN, 2,
+         r"--densenet_growth must be even with --act CLipSwish", gone=["new"]),
+    Case("densenet-learn-p", TINY + ["--densenet", "True", "--learn-p", "True"] + NEW_RUN, 2, r"--learn-p is not available", gone=["new"]),
+    Case("too-many-scales", TINY + ["--imagesize", "8", "--nblocks", "1-1-1"] + NEW_RUN, 2, r"asks for 3 scales, but a 8x8 model input "
+         r"allows at most 2", gone=["new"]),
+    Case("imagesize-4-mnist", MNIST + ["--imagesize", "4", "--nblocks", "1-1-1"], 2, r"asks for 3 scales, but a 4x4 model input",
+         gone=["new", "data/MNIST"]),
+    Case("odd-scale", TINY[2:] + ["--data", "mnist", "--imagesize", "12", "--nblocks", "1-1-1"] + NEW_RUN, 2,
+         r"scale 1 has a 6x6 feature map|cannot be squeezed|asks for 3 scales", gone=["new"]),
+    Case("squeeze-first-odd", TINY[2:] + ["--data", "mnist", "--imagesize", "9", "--squeeze-first", "True"] + NEW_RUN, 2,
+         r"--squeeze-first needs an even image size", gone=["new"]),
+    Case("evaluate-without-resume", TINY + ["--evaluate", "--save", "{tmp}/new"], 2, r"--evaluate and --sample need a checkpoint",
+         gone=["new"]),
+    Case("sample-without-resume", TINY + ["--sample", "4", "--save", "{tmp}/new"], 2, r"need a checkpoint: add --resume", gone=["new"]),
+    Case("save-empty", TINY + ["--max-iters", "1", "--save", ""], 2, r"--save is empty"),
+    Case("resume-typo-in-nblocks", R + ["--nblocks", "2-x", "--max-iters", "3"], 2, r"--nblocks must be positive integers"),
+    # sizes that would hang or exhaust memory: one line naming the estimate
+    Case("nblocks-100000-100000", TINY + ["--nblocks", "100000-100000", "--idim", "512"] + NEW_RUN, 2,
+         r"these flags need at least [\d.e+]+ TB of memory \(parameters .*\), more than the .* (has|allows); use", gone=["new"]),
+    Case("fc-idim-1e7", TINY + ["--fc-idim", "10000000"] + NEW_RUN, 2, r"need at least .* TB .*use fewer --nblocks or a smaller --idim, "
+         r"--fc-idim", gone=["new"]),
+    Case("fc-idim-1e12", TINY + ["--fc-idim", "1000000000000"] + NEW_RUN, 2, r"need at least .* of memory", gone=["new"]),
+    Case("idim-1e8", TINY + ["--idim", "100000000"] + NEW_RUN, 2, r"need at least .* of memory", gone=["new"]),
+    Case("batchsize-1e8", TINY + ["--batchsize", "100000000"] + NEW_RUN, 2, r"training activations .*use a smaller --batchsize",
+         gone=["new"]),
+    Case("val-batchsize-1e10", TINY + ["--val-batchsize", "10000000000"] + NEW_RUN, 2, r"use a smaller --val-batchsize", gone=["new"]),
+    Case("imagesize-1e5", TINY[2:] + ["--data", "mnist", "--imagesize", "100000"] + NEW_RUN, 2, r"need at least .* TB of memory",
+         gone=["new"]),
+    Case("densenet-growth-1e8", TINY + ["--densenet", "True", "--densenet_growth", "100000000"] + NEW_RUN, 2, r"need at least .* of memory",
+         gone=["new"]),
+    Case("padding-1e7", TINY + ["--padding", "10000000"] + NEW_RUN, 2, r"need at least .* of memory", gone=["new"]),
+    Case("cdim-1e9-hybrid", TINY + ["--task", "hybrid", "--cdim", "1000000000"] + NEW_RUN, 2, r"need at least .* of memory", gone=["new"]),
+    Case("stated-memory-limit", TINY + NEW_RUN, 2, r"more than the 1 MB RESFLOWS_MEMORY_LIMIT_GB allows", setup=_memory_limit("0.001"),
+         gone=["new"]),
+    Case("sample-1e9", R + ["--sample", "1000000000"], 1, r"need at least .* of memory \(.*sampling .*\).*use a smaller --sample",
+         gone=["run/samples"]),
+    Case("toy-nblocks-1e7", TOY + ["--nblocks", "10000000", "--save", "{tmp}/toy"], 2,
+         r"--nblocks 10000000 asks for 10000000 blocks; more than 10000 would take hours",
+         script="toy", gone=["toy"]),
+    Case("toy-nblocks-1e7-default-dims", TOY[4:] + ["--nblocks", "10000000", "--save", "{tmp}/toy"], 2,
+         r"these flags need at least .* TB of memory", script="toy", gone=["toy"]),
+    Case("toy-nblocks-20000-realnvp", TOY + ["--arch", "realnvp", "--nblocks", "20000", "--save", "{tmp}/toy"], 2,
+         r"asks for 40000 blocks", script="toy", gone=["toy"]),
+    Case("nblocks-6000-6000-tiny", TINY + ["--nblocks", "6000-6000", "--idim", "1"] + NEW_RUN, 2,
+         r"asks for 1200\d blocks; more than 10000", gone=["new"]),
+    Case("toy-batch-1e9", TOY + ["--batch_size", "1000000000", "--save", "{tmp}/toy"], 2, r"use a smaller --batch_size", script="toy",
+         gone=["toy"]),
+    Case("toy-test-batch-1e11", TOY + ["--test_batch_size", "100000000000", "--save", "{tmp}/toy"], 2,
+         r"use a smaller --test_batch_size", script="toy", gone=["toy"]),
+    Case("toy-viz-npts-1e7", TOY + ["--viz_npts", "10000000", "--save", "{tmp}/toy"], 2, r"use a smaller --viz_npts", script="toy",
+         gone=["toy"]),
+    Case("toy-dims-1e6-1e6", TOY + ["--dims", "1000000-1000000", "--save", "{tmp}/toy"], 2, r"need at least .* of memory", script="toy",
+         gone=["toy"]),
+    Case("toy-dims-empty", TOY + ["--dims", "", "--save", "{tmp}/toy"], 2, r"--dims must be positive integers", script="toy",
+         gone=["toy"]),
+    Case("toy-save-empty", TOY + ["--save", ""], 2, r"--save is empty", script="toy"),
+    # data that cannot be right: one line naming the file, nothing half-written left
+    Case("celeba-5bit-with-8bit-levels", TINY[2:] + ["--data", "celeba_5bit", "--dataroot", "{tmp}/data", "--nblocks", "1-1"] + NEW_RUN, 1,
+         r"celeba_full_64x64_5bit.pth holds pixel levels up to 25\d .*32 levels, 0 to 31", setup=_celeba_5bit_8bit_levels,
+         gone=["new/models/*.pth", "new/imgs"]),
+    Case("mnist-garbage-idx", MNIST, 1, r"train-images-idx3-ubyte is not a valid MNIST idx file \(it does not start with the idx magic",
+         setup=_mnist_raw({n: os.urandom(3000) for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")})),
+    Case("mnist-truncated-idx", MNIST, 1, r"t10k-labels-idx1-ubyte is not a valid MNIST idx file \(its header announces 10000 items",
+         setup=_mnist_raw({"t10k-labels-idx1-ubyte": b"\x00\x00\x08\x01\x00\x00\x27\x10" + bytes(100)})),
+    Case("mnist-empty-idx", MNIST, 1, r"train-labels-idx1-ubyte is not a valid MNIST idx file \(it is only 0 bytes long\)",
+         setup=_mnist_raw({"train-labels-idx1-ubyte": b""})),
+    Case("mnist-truncated-gz", MNIST, 1, r"train-images-idx3-ubyte.gz is not a complete gzip file \(EOFError\); delete it",
+         setup=_mnist_raw({"train-images-idx3-ubyte.gz": _truncated_gz()}),
+         gone=["data/MNIST/raw/*.part", "data/MNIST/raw/train-images-idx3-ubyte"]),
+    Case("mnist-garbage-gz", MNIST, 1, r"train-images-idx3-ubyte.gz is not a complete gzip file \(BadGzipFile\)",
+         setup=_mnist_raw({"train-images-idx3-ubyte.gz": os.urandom(500)}), gone=["data/MNIST/raw/*.part"]),
+    # the non-finite-step rule: no grid drawn from skipped steps, and the truth about the last checkpoint
+    Case("never-finite-no-checkpoint", TINY + ["--vis-freq", "1", "--max-iters", "10", "--save", "{tmp}/new"], 1,
+         r"non-finite for 5 steps in a row .*no checkpoint was written yet", setup=_never_finite,
+         gone=["new/imgs/*.png", "new/models/*.pth"]),
+    Case("never-finite-after-resume", R + ["--max-iters", "10", "--vis-freq", "1"], 1,
+         r"non-finite for 5 steps in a row .*the last good checkpoint is .*run/models/most_recent.pth", setup=_never_finite,
+         gone=["run/imgs/*.png"]),
+]
+
+
+@pytest.mark.parametrize("case", FLAG_CASES, ids=[c.id for c in FLAG_CASES])
+def test_bad_flag_or_size_or_data(case: Case, trained, tmp_path, monkeypatch, capsys):
+    test_bad_input(case, trained, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, argv, written", [
+    ("train_img.py", TINY + ["--max-iters", "50"], "models/most_recent.pth"),
+    ("train_toy.py", TOY[:-6] + ["--niters", "50", "--seed", "1"], "last.pth"),
+])
+def test_sigterm_while_starting_exits_0_after_saving(tmp_path, script, argv, written):
+    """SIGTERM as soon as the run logs its first line (still starting): it stops at the end of its first step,
+    saved, status 0 (not 143)."""
+    save = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(REPO / script)] + argv + ["--save", str(save)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "RESFLOWS_OFFLINE": "1"})
+    assert p.stdout.readline()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert (save / written).is_file()
+
+
+def test_signal_after_the_final_save_changes_nothing(tmp_path, monkeypatch):
+    """A SIGTERM arriving after the loop (here: raised by the 'done' hook) is recorded, not fatal: exit 0."""
+    def hook(stage, trainer):
+        if stage == "done":
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert train_img.run(TINY + ["--max-iters", "1", "--save", str(tmp_path / "run")], hook=hook) == 0
+    assert (tmp_path / "run" / "models" / "most_recent.pth").is_file()

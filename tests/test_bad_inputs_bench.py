@@ -152,3 +152,82 @@ def test_unexpected_error_is_reported_as_a_bug(bench_copy, capsys):
 def test_cuda_without_a_gpu(bench_copy, capsys):
     status, err = _run_in_process(bench_copy, "bench_train", ["--device", "cuda"], capsys)
     _check_one_line(status, err, Case("bench_train", (), 2, r"--device cuda: no CUDA GPU is available here"))
+
+
+# -- every bench script: bad flags in one line; failed measurements and bad checkpoints leave the results ------------
+@pytest.fixture
+def all_bench_copy(tmp_path):
+    dst = tmp_path / "benchmarks"
+    shutil.copytree(REPO / "benchmarks", dst, ignore=shutil.ignore_patterns("__pycache__", ".digits28_*"))
+    return dst
+
+
+MORE_CASES = {
+    "toy --steps 0": Case("bench_toy", ("--steps", "0"), 2, r"argument --steps: expected an integer >= 1, got '0'"),
+    "toy --nblocks x": Case("bench_toy", ("--nblocks", "x"), 2, r"argument --nblocks: expected an integer >= 1, got 'x'"),
+    "toy unknown flag": Case("bench_toy", ("--bogus",), 2, r"unrecognized arguments: --bogus"),
+    "toy --baseline missing": Case("bench_toy", ("--baseline", "{tmp}/nowhere"), 2, r"--baseline .*nowhere: no resflows package"),
+    "toy --json a folder": Case("bench_toy", ("--json", "{tmp}"), 2, r"--json .* is a folder"),
+    "process --rounds 0": Case("bench_process", ("--rounds", "0"), 2, r"argument --rounds: expected an integer >= 1, got '0'"),
+    "process unknown flag": Case("bench_process", ("--bogus",), 2, r"unrecognized arguments: --bogus"),
+    "process --baseline missing": Case("bench_process", ("--baseline", "{tmp}/nowhere"), 2, r"no train_img.py there"),
+    "mem_profile --config x": Case("mem_profile", ("--config", "x"), 2, r"argument --config: invalid choice: 'x'"),
+    "mem_profile --device tpu": Case("mem_profile", ("--device", "tpu"), 2, r"--device tpu: expected auto, cpu, cuda or cuda:N"),
+    "mem_profile unknown flag": Case("mem_profile", ("--bogus",), 2, r"unrecognized arguments: --bogus"),
+    "inverse no checkpoint": Case("bench_inverse", (), 2, r"the following arguments are required: checkpoint"),
+    "inverse --samples 0": Case("bench_inverse", ("x.pth", "--samples", "0"), 2, r"--samples: expected an integer >= 1"),
+    "gpu_check --steps 0": Case("gpu_check", ("--steps", "0"), 2, r"argument --steps: expected an integer >= 1, got '0'"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_CASES))
+def test_bad_flag_of_every_script_is_one_line(name, all_bench_copy, tmp_path):
+    case = MORE_CASES[name]
+    before = _digest(all_bench_copy)
+    proc = subprocess.run([sys.executable, str(all_bench_copy / f"{case.script}.py"), *[a.format(tmp=tmp_path) for a in case.argv]],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    _check_one_line(proc.returncode, proc.stderr, case)
+    assert _digest(all_bench_copy) == before
+
+
+def _run_script(folder, script, argv, tmp_path):
+    return subprocess.run([sys.executable, str(folder / f"{script}.py"), *argv], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_bench_toy_failed_measurement_keeps_results(all_bench_copy, tmp_path):
+    """`--flags "--lr nan"`: the measured process refuses the flag; the results file stays, exit 1, one line."""
+    before = _digest(all_bench_copy)
+    proc = _run_script(all_bench_copy, "bench_toy", ["--nblocks", "2", "--steps", "1", "--warmup", "0", "--flags", "--lr nan"],
+                       tmp_path)
+    _check_one_line(proc.returncode, proc.stderr, Case("bench_toy", (), 1, r"measurement nblocks 2 .*failed: .*--lr must be a finite "
+                                                                        r"number.*results/bench_toy\.json left unchanged"))
+    assert _digest(all_bench_copy) == before
+
+
+@pytest.mark.parametrize("what", ["missing", "random bytes", "empty"])
+def test_bench_inverse_bad_checkpoint_keeps_results(what, all_bench_copy, tmp_path):
+    path = tmp_path / "c.pth"
+    if what != "missing":
+        path.write_bytes(os.urandom(4000) if what == "random bytes" else b"")
+    before = _digest(all_bench_copy)
+    proc = _run_script(all_bench_copy, "bench_inverse", [str(path), "--rounds", "1", "--samples", "2"], tmp_path)
+    _check_one_line(proc.returncode, proc.stderr, Case("bench_inverse", (), 1, r"c\.pth: .*bench_inverse\.json left unchanged"))
+    assert _digest(all_bench_copy) == before
+
+
+@pytest.mark.parametrize("returncode, stderr, expected", [
+    (-9, "", r"killed \(SIGKILL"),
+    (1, "Traceback (most recent call last):\n  ...\nMemoryError\n", r"ran out of memory"),
+    (1, "bench_train.py: error: out of GPU memory; use a smaller configuration or --batch\n", r"ran out of memory"),
+    (1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n", r"ran out of memory"),
+])
+def test_child_out_of_memory_is_not_a_bug(returncode, stderr, expected):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from common import child_result
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    res = child_result(subprocess.CompletedProcess([], returncode, "", stderr))
+    assert re.search(expected, res["error"]) and "bug_report" not in res
+    assert "\n" not in res["error"]

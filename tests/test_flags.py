@@ -15,10 +15,11 @@ from resflows.toy.config import ToyConfig
 def test_explicit_flags_are_the_typed_ones():
     cfg, explicit = parse_args([])
     assert explicit == set() and cfg == TrainConfig()
-    cfg, explicit = parse_args(["--lr", "1e-3", "--densenet_depth", "3", "--evaluate", "--actnorm", "True", "--save", "x"])
+    cfg, explicit = parse_args(["--lr", "1e-3", "--densenet_depth", "3", "--evaluate", "--resume", "c.pth", "--actnorm", "True",
+                                "--save", "x"])
     # Typed with the default value still counts as typed (on --resume it overrides the checkpoint).
-    assert explicit == {"lr", "densenet_depth", "evaluate", "actnorm", "save"}
-    assert cfg == TrainConfig(evaluate=True, save="x")
+    assert explicit == {"lr", "densenet_depth", "evaluate", "resume", "actnorm", "save"}
+    assert cfg == TrainConfig(evaluate=True, resume="c.pth", save="x")
 
 
 def test_every_field_is_a_flag_with_its_spelling():
