@@ -45,6 +45,7 @@ def test_the_forks_command_parses_and_builds_monotone_blocks():
     blocks = model.iresblocks()
     assert len(blocks) == 16 * 3 + 4 and all(type(b) is MonotoneBlock for b in blocks)
     assert all(b.n_exact_terms == 10 and b.neumann_grad and b.grad_in_forward for b in blocks)
+    assert all(b.linearizable for b in blocks)  # the default path runs on the hand-written linearisation
     off, _ = parse_args(["--data", "cifar10"])
     assert not off.monotone_resolvent and type(meta_model("--data digits --nblocks 1-1").iresblocks()[0]) is iResBlock
 
