@@ -6,6 +6,7 @@
     python benchmarks/bench_train.py --config cifar10-b64 --device cuda   # on a GPU
     python benchmarks/bench_train.py --config idensenet-cifar10          # i-DenseNets' CIFAR-10 command, batch 4
     python benchmarks/bench_train.py --config idensenet-cifar10-b64 --device cuda
+    python benchmarks/bench_train.py --config monotone-cifar10           # Monotone Flows' CIFAR-10 command, batch 4
 
 Each measurement runs in a fresh process: model and optimiser are built, ActNorm is initialised, then
 ``--warmup`` steps are discarded and the median of ``--steps`` full training steps is reported (forward,
@@ -87,6 +88,9 @@ def child(args) -> None:
            "images_per_s": cfg.batchsize / statistics.median(steps), "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    its = trainer.model.solver_iterations() if hasattr(trainer.model, "solver_iterations") else {}
+    if its:  # monotone blocks: evaluations of the branch in the last step's forward and adjoint solves, per block
+        out["solver_iterations"] = {name: {k: v for k, v in n.items() if k != "inverse"} for name, n in its.items()}
     print(json.dumps(out))
 
 
@@ -142,7 +146,12 @@ def main(argv=None) -> int:
         res = run_child(os.path.abspath(__file__), extra)
         row = {"config": config, "mode": mode, "terms": terms or "unbiased", **res}
         rows.append(row)
-        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k != "bug_report"}
+        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k not in ("bug_report", "solver_iterations")}
+        if row.get("solver_iterations"):  # per block in the JSON; here the mean and max over blocks
+            its = list(row["solver_iterations"].values())
+            shown["solve_iters"] = "fwd {:.1f}/{} adj {:.1f}/{}".format(
+                sum(i["forward"] for i in its) / len(its), max(i["forward"] for i in its),
+                sum(i["adjoint"] for i in its) / len(its), max(i["adjoint"] for i in its))
         print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)
     report_failures(rows)
     cols = ["config", "mode", "terms", "median_s", "images_per_s", "baseline_rss_mb", "peak_rss_mb"]

@@ -8,8 +8,9 @@ On a CUDA machine: (1) runs the ``cuda``-marked tests (tests/test_cuda.py: every
 parameter gradients on CUDA against CPU float64, the linearised path, fixed-point inversion, train_img.py under
 torchrun with NCCL on 2 GPUs if there are 2, else 1, and TF32 off by default) in a fresh process with
 ``CUDA_VISIBLE_DEVICES`` set (tests/conftest.py hides GPUs otherwise); (2) runs ``bench_train.py --device cuda``
-for ``cifar10-b64`` (the paper's CIFAR-10 model at batch 64) and ``idensenet-cifar10-b64`` (i-DenseNets'
-CIFAR-10 model; skipped with a message if this tree's bench_train.py does not have it), each in a fresh process
+for ``cifar10-b64`` (the paper's CIFAR-10 model at batch 64), ``idensenet-cifar10-b64`` (i-DenseNets'
+CIFAR-10 model) and ``monotone-cifar10-b64`` (Monotone Flows' CIFAR-10 model, with the solvers' iteration counts per
+block; each skipped with a message if this tree's bench_train.py does not have it), each in a fresh process
 under a time limit, reporting images/s and ``torch.cuda.max_memory_allocated``; (3) writes results/gpu.json.
 
 Without CUDA it says so, runs the CUDA cases of the same test file (they skip: CI keeps the file importable and
@@ -27,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BENCH_CONFIGS = ("cifar10-b64", "idensenet-cifar10-b64")
+BENCH_CONFIGS = ("cifar10-b64", "idensenet-cifar10-b64", "monotone-cifar10-b64")
 
 
 def run_tests(env: dict, timeout: int, extra=()) -> dict:

@@ -61,6 +61,7 @@ class Trainer:
         self.device = dist_info.device
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
+        self.model.set_inverse_method(cfg.inverse)  # monotone blocks use it in every solve, training included
         self.image_shape = image_shape(cfg)
         self.nvals = nvals_of(cfg)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
