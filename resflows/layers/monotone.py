@@ -21,10 +21,11 @@ Both solves are contractions with rate ``L`` (``w = sqrt(2) x - g(w)``, ``w = sq
 
 Gradients by implicit differentiation: for a loss ``l(w)``, ``dl/d(sqrt(2) x) = u`` and ``dl/dtheta = -u^T dg/dtheta``
 with ``u = (I + J^T)^{-1} dl/dw``, the adjoint, solved by the same iteration ``u = dl/dw - J^T u`` (never by
-unrolling the forward solve). The log-det's own gradient, ``d log det = -2 tr((I - J^2)^{-1} dJ)``, is the exact
-derivative of the series estimate for the drawn probe and truncation: with ``s = -2 sum over odd k of w_k (J^T)^{k-1} v``
-computed without a graph, ``d(s^T J v)`` is one differentiated product (the Neumann route), formed in this block's
-backward pass with ``--mem-eff``, each sample weighted by its own upstream gradient.
+unrolling the forward solve). The log-det's own gradient is ``d log det = -2 tr((I - J^2)^{-1} dJ)``
+(``d tr J^k = k tr(J^{k-1} dJ)``): with ``s = -2 sum over odd k of w_k (J^T)^{k-1} v`` computed without a graph (the
+same roulette weights, so ``E s = -2 (I - J^2)^{-T} v``), ``d(s^T J v)`` is an unbiased estimate of it through one
+differentiated product (the Neumann route), formed in this block's backward pass with ``--mem-eff``, each sample
+weighted by its own upstream gradient. ``--neumann-grad False`` differentiates the series itself.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def solve_fixed_point(G: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rt
     out = x0.clone()
     done = torch.zeros(b, dtype=torch.bool, device=x0.device)
     converged = torch.zeros_like(done)
-    best = torch.full((b,), float("inf"), dtype=torch.float64, device=x0.device)
+    best = torch.full((b,), float("inf"), dtype=x0.dtype, device=x0.device)
     since_best = torch.zeros(b, dtype=torch.int64, device=x0.device)
     hist_x: List[Tensor] = []
     hist_g: List[Tensor] = []
@@ -97,7 +98,7 @@ def solve_fixed_point(G: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rt
         gx = G(x)
         evals += 1
         res = gx - x
-        ratio = (_per_sample_max(res) / (atol + rtol * _per_sample_max(gx)).clamp_min(torch.finfo(x0.dtype).tiny)).double()
+        ratio = _per_sample_max(res) / (atol + rtol * _per_sample_max(gx)).clamp_min(torch.finfo(x0.dtype).tiny)
         ok = ratio <= 1.0
         improved = ratio < best
         best = torch.where(improved, ratio, best)
@@ -145,8 +146,8 @@ def _last_odd(n: int) -> int:
 
 def monotone_series(vjp: Callable[[Tensor], Tensor], v: Tensor, weights: Sequence[float], neumann: bool
                     ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Without a graph: ``estimate = sum_{k odd} -2/k w_k v^T J^k v`` and, for the gradient,
-    ``s = -2 sum_{k odd} w_k (v^T J^{k-1})`` (so that ``d estimate = s^T dJ v`` exactly; ``E s = -2 (I - J^2)^{-T} v``)."""
+    """Without a graph: ``estimate = sum_{k odd} -2/k w_k v^T J^k v`` and, for the Neumann gradient,
+    ``s = -2 sum_{k odd} w_k (v^T J^{k-1})``: ``s^T dJ v`` estimates ``d log det`` without bias (``E s = -2 (I - J^2)^{-T} v``)."""
     n_terms = _last_odd(len(weights))
     estimate = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     s = v * (-2.0 * weights[0]) if (neumann and n_terms >= 1) else None
@@ -374,7 +375,7 @@ class MonotoneBlock(iResBlock):
             estimate, s = monotone_series(vjp, v, weights, neumann=True)
         (sj,) = torch.autograd.grad(g, w_, s, create_graph=True, retain_graph=True)
         surrogate = _dot(sj, v)
-        # Value: the unbiased estimate; gradient: its exact derivative through one differentiated product.
+        # Value: the unbiased estimate; gradient: the Neumann estimator through one differentiated product.
         return estimate + (surrogate - surrogate.detach())
 
     def _exact_logdet(self, w: Tensor, need_graph: bool, weights: Optional[Sequence[float]]) -> Tensor:
