@@ -7,6 +7,7 @@
     python benchmarks/bench_train.py --config idensenet-cifar10          # i-DenseNets' CIFAR-10 command, batch 4
     python benchmarks/bench_train.py --config idensenet-cifar10-b64 --device cuda
     python benchmarks/bench_train.py --config cifar10 --precision fp32 bf16 --rounds 2   # interleaved precisions
+    python benchmarks/bench_train.py --config monotone-cifar10           # Monotone Flows' CIFAR-10 command, batch 4
 
 Each measurement runs in a fresh process: model and optimiser are built, ActNorm is initialised, then
 ``--warmup`` steps are discarded and the median of ``--steps`` full training steps is reported (forward,
@@ -100,6 +101,9 @@ def child(args) -> None:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if fixed_bpd is not None:
         out["fixed_batch_bpd"] = fixed_bpd
+    its = trainer.model.solver_iterations() if hasattr(trainer.model, "solver_iterations") else {}
+    if its:  # monotone blocks: evaluations of the branch in the last step's forward and adjoint solves, per block
+        out["solver_iterations"] = {name: {k: v for k, v in n.items() if k != "inverse"} for name, n in its.items()}
     print(json.dumps(out))
 
 
@@ -178,7 +182,12 @@ def main(argv=None) -> int:
         row = {"config": config, "mode": mode, "terms": terms or "unbiased", **({"compile": True} if args.compile else {}),
                **({"precision": prec} if prec else {}), **res}
         rows.append(row)
-        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k != "bug_report"}
+        shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items() if k not in ("bug_report", "solver_iterations")}
+        if row.get("solver_iterations"):  # per block in the JSON; here the mean and max over blocks
+            its = list(row["solver_iterations"].values())
+            shown["solve_iters"] = "fwd {:.1f}/{} adj {:.1f}/{}".format(
+                sum(i["forward"] for i in its) / len(its), max(i["forward"] for i in its),
+                sum(i["adjoint"] for i in its) / len(its), max(i["adjoint"] for i in its))
         print(table([shown], list(shown)), flush=True) if len(rows) == 1 else print("  ".join(str(v) for v in shown.values()), flush=True)
     report_failures(rows)
     cols = ["config", "mode", "terms"] + (["precision"] if args.precision else [])

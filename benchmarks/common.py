@@ -35,6 +35,13 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                               start_learnable_concat=25, act="CLipSwish", densenet_depth=3, densenet_growth=172, batchsize=4),
     "idensenet-cifar10-b64": dict(data="cifar10", nblocks="16-16-16", densenet=True, learnable_concat=True,
                                   start_learnable_concat=25, act="CLipSwish", densenet_depth=3, densenet_growth=172, batchsize=64),
+    # The Monotone Flows fork's CIFAR-10 command (Ahn et al. 2022): monotone blocks, CPila, 10 exact terms.
+    "monotone-cifar10": dict(data="cifar10", nblocks="16-16-16", densenet=True, learnable_concat=True, start_learnable_concat=25,
+                             act="CPila", densenet_depth=3, densenet_growth=172, monotone_resolvent=True, n_exact_terms=10,
+                             batchsize=4),
+    "monotone-cifar10-b64": dict(data="cifar10", nblocks="16-16-16", densenet=True, learnable_concat=True, start_learnable_concat=25,
+                                 act="CPila", densenet_depth=3, densenet_growth=172, monotone_resolvent=True, n_exact_terms=10,
+                                 batchsize=64),
 }
 MODES = {
     "naive": dict(neumann_grad=False, mem_eff=False),

@@ -8,8 +8,9 @@ On a CUDA machine: (1) runs the ``cuda``-marked tests (tests/test_cuda.py: every
 parameter gradients on CUDA against CPU float64, the linearised path, fixed-point inversion, train_img.py under
 torchrun with NCCL on 2 GPUs if there are 2, else 1, and TF32 off by default) in a fresh process with
 ``CUDA_VISIBLE_DEVICES`` set (tests/conftest.py hides GPUs otherwise); (2) runs ``bench_train.py --device cuda``
-for ``cifar10-b64`` (the paper's CIFAR-10 model at batch 64) and ``idensenet-cifar10-b64`` (i-DenseNets'
-CIFAR-10 model; skipped with a message if this tree's bench_train.py does not have it), each in a fresh process
+for ``cifar10-b64`` (the paper's CIFAR-10 model at batch 64), ``idensenet-cifar10-b64`` (i-DenseNets'
+CIFAR-10 model) and ``monotone-cifar10-b64`` (Monotone Flows' CIFAR-10 model, with the solvers' iteration counts per
+block; each skipped with a message if this tree's bench_train.py does not have it), each in a fresh process
 under a time limit, with ``--precision`` fp32, tf32 and bf16 and with ``--compile`` at fp32, reporting images/s,
 ``torch.cuda.max_memory_allocated``, the bits/dim of one fixed batch (initial weights, fixed probes) against fp32's
 and, compiled, the compile time (graphs built, seconds, in the first step); (3) writes results/gpu.json.
@@ -28,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BENCH_CONFIGS = ("cifar10-b64", "idensenet-cifar10-b64")
+BENCH_CONFIGS = ("cifar10-b64", "idensenet-cifar10-b64", "monotone-cifar10-b64")
 PRECISIONS = ("fp32", "tf32", "bf16")  # fp32 first: the others' fixed-batch bits/dim are compared with it
 
 
@@ -75,7 +76,7 @@ def run_bench(config: str, env: dict, timeout: int, steps: int, warmup: int, pre
                 "error": (proc.stderr.strip().splitlines() or ["no result"])[-1]}
     row = rows[0]
     keep = ("mode", "median_s", "images_per_s", "cuda_peak_mb", "fixed_batch_bpd", "first_step_s", "compile_s",
-            "graphs", "error")
+            "graphs", "solver_iterations", "error")
     return {"config": config, "precision": precision, "compile": compiled, **{k: row[k] for k in keep if k in row},
             "seconds": round(time.time() - t0, 1)}
 

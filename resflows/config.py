@@ -117,6 +117,19 @@ def check_scales(cfg: "ModelConfig") -> None:
         h, w = h // 2, w // 2
 
 
+def check_monotone(cfg: Any) -> None:
+    """The flags ``--monotone_resolvent True`` cannot be combined with (a ModelConfig or a TrainConfig: same names)."""
+    if not cfg.monotone_resolvent:
+        return
+    if cfg.block != "resblock":
+        raise ConfigError("--monotone_resolvent True turns residual blocks into monotone blocks; drop --block coupling")
+    # The solves evaluate the branch many times per sample: it must be the same deterministic map each time.
+    for name, on in (("--batchnorm", cfg.batchnorm), ("--dropout", cfg.dropout)):
+        if on:
+            raise ConfigError(f"{name} is not available with --monotone_resolvent True (the solves need a fixed branch); "
+                              f"drop {name}")
+
+
 def parse_act(s: str) -> str:
     """``--act``: the i-DenseNets fork's spellings (CLipSwish, LeakyLSwish) as ours."""
     return ACTIVATION_ALIASES.get(s, s)
@@ -171,7 +184,8 @@ class ModelConfig:
     neumann_grad: bool = flag(True, "Neumann-series gradient estimator")
     mem_eff: bool = flag(True, "memory-efficient log-det gradients (backward-in-forward)")
     # choices: the command line's; the Python API takes any name in resflows.layers.ACTIVATIONS.
-    act: str = flag("swish", "swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish are accepted",
+    act: str = flag("swish", "swish is LipSwish; the i-DenseNets spellings CLipSwish and LeakyLSwish and the Monotone Flows "
+                    "spellings CPila and CReLU are accepted",
                     type=parse_act, choices=activation_choices("img"), arch=True)
     kernels: Tuple[int, ...] = flag((3, 1, 3), range=POSITIVE, arch=True)
     fc_end: bool = flag(True, arch=True)
@@ -190,6 +204,10 @@ class ModelConfig:
     learnable_concat: bool = flag(True, "learn the concatenation weights eta1, eta2", name="--learnable_concat", arch=True)
     lip_coeff: float = flag(0.98, "dense layers' concatenation weights satisfy eta1^2 + eta2^2 = lip-coeff^2",
                             range=_LIP_COEFF)
+    # Monotone Flows (Ahn et al. 2022): every residual block becomes a monotone (Cayley) block, same keys
+    # (resflows/layers/monotone.py). arch=True: the same weights describe another map.
+    monotone_resolvent: bool = flag(False, "monotone (Cayley) blocks: solve w + g(w) = sqrt(2) x, y = sqrt(2) w - x",
+                                    name="--monotone_resolvent", arch=True)
 
     # Names of the fields that fix the architecture (set below the class, from the fields' arch=True).
     ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
@@ -224,6 +242,7 @@ class ModelConfig:
             raise ConfigError(f"unknown init layer {self.init_layer!r}")
         if self.densenet:
             self._validate_densenet()
+        check_monotone(self)
         c, h, w = self.input_size
         if self.squeeze_first and (h % 2 or w % 2):
             raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
@@ -237,9 +256,10 @@ class ModelConfig:
                               "drop --learn-p")
         if self.dropout:
             raise ConfigError("--dropout is not used by dense branches; drop it with --densenet True")
+        doubling = {"clipswish": "CLipSwish", "cpila": "CPila", "crelu": "CReLU"}  # activations that double the channels
         for name, v in (("--densenet_growth", self.densenet_growth), ("--fc_densenet_growth", self.fc_densenet_growth)):
-            if self.act == "clipswish" and v % 2:  # (that they are >= 1 is their declared range)
-                raise ConfigError(f"{name} must be even with --act CLipSwish (each conv gives half the channels, "
+            if self.act in doubling and v % 2:  # (that they are >= 1 is their declared range)
+                raise ConfigError(f"{name} must be even with --act {doubling[self.act]} (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
@@ -350,6 +370,12 @@ class TrainConfig:
     start_learnable_concat: int = flag(25, "epochs during which the concatenation weights are reset after every step",
                                        name="--start_learnable_concat", type=nonnegative_int, range=NON_NEGATIVE)
     lip_coeff: float = _model("lip_coeff")
+    # The Monotone Flows fork's flags (its names).
+    monotone_resolvent: bool = _model("monotone_resolvent")
+    clip_grad_norm: bool = flag(True, "clip the gradient norm at 1 (False: no clipping; the norm is still logged)",
+                                name="--clip_grad_norm")
+    save_freq: int = flag(0, "every N iterations also write models/most_recent_intraepoch.pth (0: off; the Monotone Flows "
+                          "fork's default is 100); a multiple of --update-freq", range=NON_NEGATIVE)
     # Ours. run=True: flags of this invocation or machine, always taken from the command line on --resume.
     max_iters: Optional[int] = flag(None, "stop after this many optimizer steps", range=POSITIVE, run=True)
     evaluate: bool = flag(False, "with --resume: report test bits/dim and exit", store_true=True, run=True)
@@ -381,6 +407,10 @@ class TrainConfig:
         from a checkpoint too) and the checks that involve two flags; with ``model``, also the rules of the
         model these flags describe (:class:`ModelConfig`'s). Raises :class:`ConfigError`."""
         check_fields(self)
+        check_monotone(self)
+        if self.save_freq % self.update_freq:
+            raise ConfigError(f"--save-freq {self.save_freq} must be a multiple of --update-freq {self.update_freq} "
+                              f"(checkpoints are written between optimizer steps)")
         if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
             raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
         check_choices(self)

@@ -358,7 +358,8 @@ def _strip_module_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 def load_paper_checkpoint(path: str, verify: bool = True) -> Dict[str, Any]:
     """The paper checkpoint's contents as plain data:
     ``{'args': dict, 'state_dict': {...}, 'ema': {name: tensor} or None, 'optimizer_state_dict': dict or None,
-    'test_bpd': float or None}``. Its structure and types are checked before any of it is used."""
+    'test_bpd': float or None, 'begin_epoch': int or None, 'begin_iter': int or None}``. Its structure and types
+    are checked before any of it is used."""
     obj = read_paper_pickle(path, verify)
     if not isinstance(obj, dict) or "state_dict" not in obj or "args" not in obj:
         raise NotACheckpointError("it is not a Residual Flows checkpoint (no 'state_dict' and 'args')")
@@ -396,7 +397,11 @@ def load_paper_checkpoint(path: str, verify: bool = True) -> Dict[str, Any]:
     else:
         test_bpd = None  # absent or not a number: only informative
     opt = obj.get("optimizer_state_dict")
+    # The Monotone Flows fork stores its counters in the checkpoint (it has no --begin-epoch flag).
+    counters = {k: obj.get(k) if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool) else None
+                for k in ("begin_epoch", "begin_iter")}
     return {
+        **counters,
         "args": args,
         "state_dict": _strip_module_prefix(sd),
         "ema": shadow,

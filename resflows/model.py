@@ -39,6 +39,7 @@ from .layers import (
 from .layers.base import zeros_logdet
 from .layers.coupling import coupling_split
 from .layers.dense import dense_conv_layers, dense_fc_layers
+from .layers.monotone import MonotoneBlock
 from .layers.squeeze import squeeze, unsqueeze
 from .layers.upkeep import FlowUpkeep
 
@@ -84,7 +85,8 @@ class _StackBuilder:
 
     def iresblock(self, nnet: nn.Module) -> iResBlock:
         c = self.cfg
-        return iResBlock(
+        block = MonotoneBlock if c.monotone_resolvent else iResBlock  # same arguments, same state_dict keys
+        return block(
             nnet,
             n_power_series=c.n_power_series,
             n_dist=c.n_dist,

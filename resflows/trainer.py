@@ -77,6 +77,7 @@ class Trainer:
             _check_compile(self.device)
         self.model = model.to(self.device)
         self.model.check_values = False  # the data are valid images; a min/max would sync the GPU every step
+        self.model.set_inverse_method(cfg.inverse)  # monotone blocks use it in every solve, training included
         self.image_shape = image_shape(cfg)
         self.nvals = nvals_of(cfg)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
@@ -235,6 +236,14 @@ class Trainer:
                 self.best = cand[:KEEP_BEST]
         barrier()
 
+    def save_intraepoch(self) -> None:
+        """``models/most_recent_intraepoch.pth`` (``--save-freq``): the full training state, written by rank 0 only."""
+        state = self.state()  # collective under torchrun
+        bad = nonfinite_tensors({"model": state["model"], "ema": state["ema"], "optimizer": state["optimizer"]})
+        if self.dist.is_main and not bad:
+            save_checkpoint(os.path.join(self.save_dir, "models", "most_recent_intraepoch.pth"), state)
+        barrier()
+
     def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
         """Model, EMA, optimiser, counters and RNG from a checkpoint of ours or the paper's."""
         self.ema = load_weights(path, ckpt, self.model)
@@ -280,6 +289,10 @@ class Trainer:
                     raise CheckpointError(f"{path}: damaged checkpoint (its random-number state cannot be restored: "
                                           f"{type(e).__name__})") from None
         else:
+            if ckpt.get("epoch") is not None:  # the Monotone Flows fork stores begin_epoch / begin_iter in its checkpoints
+                self.epoch = ckpt["epoch"]
+                self.itr = ckpt["itr"] if ckpt.get("itr") is not None else self.epoch * self.batches_per_epoch
+                self.step = self.itr // self.cfg.update_freq
             logger.info("resumed from a paper checkpoint: epoch %d (--begin-epoch), iteration %d", self.epoch, self.itr)
 
     def finished(self) -> Optional[str]:
@@ -334,6 +347,8 @@ class Trainer:
             if metrics is not None:
                 metrics.update({k: sum(a[k] for a in accum) / len(accum) for k in accum[0]})
                 self.log_step(metrics)
+            if cfg.save_freq and self.itr // cfg.save_freq != (self.itr - len(accum)) // cfg.save_freq:
+                self.save_intraepoch()  # a multiple of --save-freq iterations was passed in this accumulation
             accum = []
             # Only after a step taken: a skipped non-finite step would draw the same grid again (from step 0's
             # weights on and on, each costing seconds) from the batch that just failed.
@@ -373,7 +388,8 @@ class Trainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(self.cfg.update_freq / n_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
+        # --clip_grad_norm False (the Monotone Flows fork's flag): the norm is computed and logged, nothing is scaled.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM if self.cfg.clip_grad_norm else math.inf)
         # One tiny collective: every rank agrees on skipping and on stopping.
         # Built on the device (a host-built tensor would be copied over, and isfinite read back, each a sync).
         stop = torch.full((), 1.0 if self.stop_signal else 0.0, device=self.device)
@@ -431,6 +447,9 @@ class Trainer:
             for name, (m1, m2) in self.model.estimator_moments().items():
                 w.add_scalar(f"estimator_first_moment/{name}", m1, s)
                 w.add_scalar(f"estimator_second_moment/{name}", m2, s)
+            for name, its in self.model.solver_iterations().items():  # monotone blocks: evaluations of g per solve
+                for kind, n in its.items():
+                    w.add_scalar(f"solver_iterations/{kind}/{name}", n, s)
 
     def end_of_epoch(self, finished: int) -> None:
         lips = self.model.lipschitz_constants()

@@ -197,3 +197,37 @@ def test_train_img_leaves_tf32_off_by_default(tmp_path):
     finally:
         train_img.cleanup_distributed()
     assert seen["tf32"] == (False, False)
+
+
+def _monotone_reference_model(mode: str) -> ResidualFlow:
+    """A small Monotone Flows model (dense CPila branches, monotone blocks), float64, ActNorm initialised, solves
+    held to 1e-10 so that devices differ by rounding only."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(data="digits", nblocks="1-1", seed=0, densenet=True, monotone_resolvent=True, act="CPila",
+                      densenet_depth=2, densenet_growth=8, fc_densenet_growth=8, n_exact_terms=4, **MODES[mode])
+    model = ResidualFlow(model_config_from(cfg)).double()
+    for block in model.iresblocks():
+        block.inverse_atol = block.inverse_rtol = block.adjoint_rtol = 1e-10
+    with torch.no_grad():
+        model.train()
+        model.transform(_inputs())
+    return model
+
+
+@pytest.mark.parametrize("device,dtype,rtol", DEVICES)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_monotone_gradient_modes_match_cpu_float64(mode, device, dtype, rtol):
+    """Monotone blocks (solves, implicit gradients, every log-det gradient mode) on the device against CPU float64."""
+    if device == "cpu" and mode != "both":
+        pytest.skip("the CPU float32 self-check of the comparison runs for the default mode only (time)")
+    ref_model = _monotone_reference_model(mode)
+    model = copy.deepcopy(ref_model).to(device=device, dtype=dtype)
+    x = _inputs()
+    z_ref, ld_ref, g_ref = _step(ref_model, x)
+    z, ld, g = _step(model, x.to(device=device, dtype=dtype))
+    _assert_close(z, z_ref, "z", rtol)
+    _assert_close(ld, ld_ref, "logdet", rtol)
+    assert g.keys() == g_ref.keys() and len(g_ref) > 10
+    total = float(torch.stack([v.norm() for v in g_ref.values()]).norm())
+    for name in g_ref:
+        _assert_close(g[name], g_ref[name], f"grad {name}", rtol, floor=1e-3 * total)

@@ -34,7 +34,7 @@ def test_resume_rules():
         "data", "imagesize", "padding", "squeeze_first", "block", "idim", "nblocks", "factor_out", "quadratic",
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels", "fc_end",
         "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
-        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
+        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat", "monotone_resolvent",
     }
     assert set(RUN_FLAGS) == {"resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow",
                               "max_iters", "save", "inverse"}
@@ -42,14 +42,14 @@ def test_resume_rules():
         "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels",
         "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
-        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
+        "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat", "monotone_resolvent",
     }
 
 
 def test_model_config_takes_every_shared_field():
     """A model setting added to ModelConfig and TrainConfig reaches the model without a mapping to update."""
     shared = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    assert len(shared) == 35  # all the fields model_config_from used to list one by one
+    assert len(shared) == 36  # all the fields model_config_from used to list one by one, and monotone_resolvent
     changed = dict(idim=16, coeff=0.5, n_samples=3, sn_tol=0.01, lip_coeff=0.9, mem_eff=False, densenet_growth=8,
                    nblocks="1-2", kernels="3-3", vnorms="2f2")
     m = model_config_from(TrainConfig(data="digits", **changed))

@@ -40,6 +40,16 @@ __all__ = [
     "lipswish_dual",
     "lipswish",
     "clipswish_value_and_slope",
+    "Pila",
+    "CPila",
+    "CReLU",
+    "PILA_K",
+    "CPILA_SHIFT",
+    "CPILA_SCALE",
+    "pila",
+    "pila_slope",
+    "cpila_value_and_slope",
+    "crelu_value_and_slope",
 ]
 
 
@@ -283,6 +293,84 @@ def _leakylswish_value_and_slope(m: LeakyLSwish, x: Tensor) -> Tuple[Tensor, Ten
     return a * x + (1 - a) * y, a + (1 - a) * d
 
 
+# -- Pila and its concatenated form CPila (Monotone Flows, Ahn et al. 2022) ---------------------------------
+# P(z) = z for z > 0 and z (k^2 z^2 / 2 - k z + 1) e^{kz} below: C^2 at 0 (P(0) = 0, P'(0) = 1, P''(0) = 0),
+# P'(z) = (k^3 z^3 / 2 + k^2 z^2 / 2 - k z + 1) e^{kz} for z <= 0, which rises from its minimum -19 e^-4 (at kz = -4)
+# to 1, so Lip(P) = 1. The exponent is clamped to [-200, 0]: e^{kz} is never formed for large z (it would overflow).
+PILA_K = 5.0
+CPILA_SHIFT = 0.2
+# sup_x sqrt(P'(x - 0.2)^2 + P'(-x - 0.2)^2) is about 1.0588 (at x = +-0.6): dividing by 1.06 makes CPila 1-Lipschitz.
+CPILA_SCALE = 1.06
+
+
+# Below z = -40 (kz = -200) P and its derivatives are below 1e-80: the branch is evaluated at -40 there, so that
+# (kz)^3 cannot overflow in float32.
+_PILA_FLOOR = -40.0
+
+
+def _nonpositive(z: Tensor) -> Tensor:
+    # z where z <= 0, else 0; unlike clamp(max=0), the derivative at z = 0 is 1 (so autograd gives P'(0) = 1).
+    return torch.where(z > 0, torch.zeros_like(z), z).clamp(min=_PILA_FLOOR)
+
+
+def pila(z: Tensor) -> Tensor:
+    """Pila ``P(z)`` with k = 5 in plain torch ops (differentiable to any order)."""
+    zn = _nonpositive(z)
+    kz = PILA_K * zn
+    neg = zn * (0.5 * kz * kz - kz + 1.0) * torch.exp(kz)
+    return torch.where(z > 0, z, neg)
+
+
+def pila_slope(z: Tensor) -> Tensor:
+    """``P'(z)`` in plain torch ops (differentiable again: the dual passes need ``P''``)."""
+    kz = PILA_K * _nonpositive(z)
+    neg = (0.5 * kz * kz * kz + 0.5 * kz * kz - kz + 1.0) * torch.exp(kz)
+    return torch.where(z > 0, torch.ones_like(z), neg)
+
+
+class Pila(nn.Module):
+    """Pila ``P(x)`` (k = 5), element-wise and 1-Lipschitz; no parameters (the fork's ``--act pila``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pila(x)
+
+
+class CPila(nn.Module):
+    """Concatenated Pila ``[P(x - 0.2), P(-x - 0.2)] / 1.06`` along dim 1 (Monotone Flows' ``--act CPila``):
+    doubles the channels, 1-Lipschitz (the supremum of its Jacobian's row norms is about 0.9989); no parameters,
+    so no state_dict keys."""
+
+    out_multiplier = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([pila(x - CPILA_SHIFT), pila(-x - CPILA_SHIFT)], 1) / CPILA_SCALE
+
+
+def cpila_value_and_slope(m: CPila, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(f(x), d)`` with Jacobian ``diag(d) [I; -I]``: ``d = [P'(x - 0.2), P'(-x - 0.2)] / 1.06``."""
+    z = torch.cat([x - CPILA_SHIFT, -x - CPILA_SHIFT], 1)
+    return pila(z) / CPILA_SCALE, pila_slope(z) / CPILA_SCALE
+
+
+class CReLU(nn.Module):
+    """Concatenated ReLU ``[relu(x), relu(-x)]`` along dim 1: doubles the channels, 1-Lipschitz, no parameters."""
+
+    out_multiplier = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([F.relu(x), F.relu(-x)], 1)
+
+
+def crelu_value_and_slope(m: CReLU, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(f(x), d)`` with Jacobian ``diag(d) [I; -I]``: ``d = [x > 0, x < 0]``."""
+    z = torch.cat([x, -x], 1)
+    return F.relu(z), (z > 0).to(z.dtype)
+
+
+def _pila_value_and_slope(m: Pila, x: Tensor) -> Tuple[Tensor, Tensor]:
+    return pila(x), pila_slope(x)
+
+
 # Derivatives of torch's element-wise activations, from the input x and torch's own value y = f(x).
 # Each is used for the exact type only: a subclass may compute something else (and then falls back to
 # autograd). In-place variants are not linearised (see linearize.supports).
@@ -324,6 +412,7 @@ SLOPES: Dict[Type[nn.Module], Callable[[nn.Module, Tensor], Tuple[Tensor, Tensor
     nn.Tanh: _from_value(_tanh_slope),
     LipschitzCube: _from_value(_lcube_slope),
     LeakyLSwish: _leakylswish_value_and_slope,
+    Pila: _pila_value_and_slope,
 }
 
 # Name -> constructor. The paper's `--act` choices first; toy-only extras after.
@@ -340,15 +429,18 @@ ACTIVATIONS = {
     "maxmin": MaxMin,
     "clipswish": CLipSwish,
     "leakylswish": LeakyLSwish,
+    "pila": Pila,
+    "cpila": CPila,
+    "crelu": CReLU,
 }
 
 # The command lines that offer each name as an `--act` choice ("img": train_img.py, "toy": train_toy.py): the
-# paper's choices for each script, plus the i-DenseNets fork's for images. The Python API takes any name of
+# paper's choices for each script, plus the i-DenseNets and Monotone Flows forks' (CPila also for the toy). The Python API takes any name of
 # ACTIVATIONS; a name missing here is offered by neither command line.
 ACTIVATION_SCRIPTS = {
     "softplus": ("img",), "elu": ("img", "toy"), "swish": ("img", "toy"), "lcube": ("img", "toy"), "identity": ("img",),
     "relu": ("img", "toy"), "tanh": ("toy",), "selu": ("toy",), "fullsort": ("toy",), "maxmin": ("toy",),
-    "clipswish": ("img",), "leakylswish": ("img",),
+    "clipswish": ("img",), "leakylswish": ("img",), "pila": ("img",), "cpila": ("img", "toy"), "crelu": ("img",),
 }
 
 
@@ -358,8 +450,8 @@ def activation_choices(script: str) -> Tuple[str, ...]:
     return tuple(name for name in ACTIVATIONS if script in ACTIVATION_SCRIPTS.get(name, ()))
 
 
-# The i-DenseNets fork's spellings of `--act` values.
-ACTIVATION_ALIASES = {"CLipSwish": "clipswish", "LeakyLSwish": "leakylswish"}
+# The i-DenseNets and Monotone Flows forks' spellings of `--act` values.
+ACTIVATION_ALIASES = {"CLipSwish": "clipswish", "LeakyLSwish": "leakylswish", "CPila": "cpila", "CReLU": "crelu"}
 
 
 def make_activation(name: str) -> nn.Module:

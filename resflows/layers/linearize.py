@@ -30,7 +30,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import precision
-from .activations import SLOPES, CLipSwish, Identity, LipSwish, clipswish_dual, clipswish_value_and_slope, lipswish_dual
+from .activations import (
+    SLOPES,
+    CLipSwish,
+    CPila,
+    CReLU,
+    Identity,
+    LipSwish,
+    clipswish_dual,
+    clipswish_value_and_slope,
+    cpila_value_and_slope,
+    crelu_value_and_slope,
+    lipswish_dual,
+)
 from .lipschitz import InducedNormConv2d, InducedNormLinear, LopConv2d, LopLinear
 from .normalization import MovingBatchNorm1d, MovingBatchNorm2d
 
@@ -296,6 +308,22 @@ def _clipswish_primal(m, x):
 
 
 register(CLipSwish, Handler(_clipswish_primal, _clipswish_vjp, lambda m, x, t, data: clipswish_dual(m, x, t)))
+def _concatenated(value_and_slope) -> Handler:
+    """Handler of an activation ``f(x) = a([x, -x])`` with Jacobian ``diag(d) [I; -I]`` (CPila, CReLU)."""
+
+    def _primal(m, x):
+        y, d = value_and_slope(m, x)
+        return y, (d, x.shape[1])
+
+    def _dual(m, x, t, data):
+        y, d = value_and_slope(m, x)
+        return y, d * torch.cat([t, -t], 1)
+
+    return Handler(_primal, _clipswish_vjp, _dual)
+
+
+register(CPila, _concatenated(cpila_value_and_slope))
+register(CReLU, _concatenated(crelu_value_and_slope))
 register(Identity, Handler(lambda m, x: (x, None), lambda data, w, inplace: w, lambda m, x, t, data: (x, t)))
 
 

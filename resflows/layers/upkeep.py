@@ -55,6 +55,11 @@ class FlowUpkeep(nn.Module):
             if isinstance(m, iResBlock)
         }
 
+    def solver_iterations(self) -> Dict[str, Dict[str, int]]:
+        """Evaluations of the branch in the last forward, adjoint and inverse solves of each monotone block."""
+        return {n: {"forward": m.last_solve_iters, "adjoint": m.last_adjoint_iters, "inverse": m.last_inverse_iters}
+                for n, m in self.named_modules() if hasattr(m, "last_adjoint_iters")}
+
     def set_inverse_method(self, method: str) -> None:
         """``'fixed-point'`` (the paper's iteration) or ``'anderson'`` in every residual block's inverse."""
         if method not in INVERSE_METHODS:

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import format_vnorms, parse_int_tuple, parse_vnorms
+from ..config import format_vnorms, parse_act, parse_int_tuple, parse_vnorms
 from ..flags import NON_NEGATIVE, POSITIVE, ConfigError, Range, check_fields, flag, rules_of
 from ..layers.activations import activation_choices
 from ..layers.power import TOY_TOLERANCE
@@ -14,6 +14,7 @@ from .data import DATASETS
 __all__ = ["ToyConfig", "TOY_ACTIVATIONS", "TOY_RULES"]
 
 # The paper's toy `--act` choices (resflows.layers.activations.ACTIVATION_SCRIPTS).
+# CPila (Monotone Flows' spelling accepted) doubles the features: each hidden linear layer gives half of --dims.
 TOY_ACTIVATIONS = activation_choices("toy")
 
 
@@ -36,12 +37,14 @@ class ToyConfig:
     learn_p: bool = flag(False, "learn the norm orders")
     mixed: bool = flag(True, "with --learn-p: one learned order per position (True) or one shared by every layer (False)")
     dims: Tuple[int, ...] = flag((128, 128, 128, 128), "hidden widths of each residual / coupling net", range=POSITIVE)
-    act: str = flag("swish", "swish means LipSwish", choices=TOY_ACTIVATIONS)
+    act: str = flag("swish", "swish means LipSwish; CPila is accepted", type=parse_act, choices=TOY_ACTIVATIONS)
     nblocks: int = flag(100, range=POSITIVE)
     brute_force: bool = flag(False, "exact log-det in training too")
     actnorm: bool = flag(False)
     batchnorm: bool = flag(False, "mean-only moving batch norm after each block")
     exact_trace: bool = flag(False, "power series with exact traces of J^k")
+    monotone_resolvent: bool = flag(False, "monotone (Cayley) blocks instead of residual blocks (Monotone Flows)",
+                                    name="--monotone_resolvent")
     n_power_series: Optional[int] = flag(None, "None = unbiased Russian roulette; int = truncated series", range=POSITIVE)
     n_samples: int = flag(1, "draws of the series length N", range=POSITIVE)
     n_dist: str = flag("geometric", choices=("geometric", "poisson"))
@@ -105,8 +108,11 @@ class ToyConfig:
             raise ConfigError(f"--arch must be iresnet or realnvp; got {self.arch!r}")
         if self.act not in TOY_ACTIVATIONS:
             raise ConfigError(f"--act must be one of {', '.join(TOY_ACTIVATIONS)}; got {self.act!r}")
-        if self.act == "maxmin" and any(d % 2 for d in self.dims):
-            raise ConfigError(f"--act maxmin pairs up features, so every --dims entry must be even; got {'-'.join(map(str, self.dims))}")
+        if self.monotone_resolvent and self.arch != "iresnet":
+            raise ConfigError("--monotone_resolvent True turns residual blocks into monotone blocks; use --arch iresnet")
+        if self.act in ("maxmin", "cpila") and any(d % 2 for d in self.dims):
+            raise ConfigError(f"--act {self.act} pairs up features, so every --dims entry must be even; "
+                              f"got {'-'.join(map(str, self.dims))}")
         if self.n_dist not in ("poisson", "geometric"):
             raise ConfigError(f"--n-dist must be poisson or geometric; got {self.n_dist!r}")
         if self.arch == "iresnet":

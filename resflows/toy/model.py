@@ -19,6 +19,7 @@ from ..layers import (
     make_activation,
 )
 from ..layers.base import FlowLayer, zeros_logdet
+from ..layers.monotone import MonotoneBlock
 from ..layers.power import TOY_TOLERANCE
 from ..layers.upkeep import FlowUpkeep
 from .config import ToyConfig
@@ -82,6 +83,9 @@ def residual_net(cfg: ToyConfig) -> nn.Sequential:
     layers: List[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(make_activation(cfg.act))
+        mult = getattr(layers[-1], "out_multiplier", 1)  # CPila doubles the features: hidden layers give half
+        n_in = 2 * mult if i == 0 else n_in
+        n_out = n_out if i == len(sizes) - 2 else n_out // mult
         layers.append(get_linear(n_in, n_out, coeff=cfg.coeff, domain=domains[i], codomain=codomains[i],
                                  zero_init=i == len(sizes) - 2))
     return nn.Sequential(*layers)
@@ -115,7 +119,8 @@ def build_toy_model(cfg: ToyConfig) -> ToyFlow:
         chain.append(ActNorm1d(2))
     for _ in range(cfg.nblocks):
         if cfg.arch == "iresnet":
-            chain.append(iResBlock(
+            block = MonotoneBlock if cfg.monotone_resolvent else iResBlock  # same arguments
+            chain.append(block(
                 residual_net(cfg),
                 n_power_series=cfg.n_power_series,
                 exact_trace=cfg.exact_trace,

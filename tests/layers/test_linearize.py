@@ -31,7 +31,7 @@ from resflows.layers import (
     linearize,
     lipschitz_layers,
 )
-from resflows.layers.activations import LeakyLSwish
+from resflows.layers.activations import CPila, CReLU, LeakyLSwish, Pila
 from resflows.layers.dense import LipschitzDenseLayer
 from resflows.layers.fc import FCNet
 
@@ -106,6 +106,9 @@ LEAF_CASES = {
     "fcnet": _single(lambda: FCNet((2, 3, 3), (1, 2, 3), 7, 2, "swish", True, 0.2,
                                    lambda i, a, b: get_linear(a, b, coeff=0.9)), CONV_X),
     "leakylswish": _single(LeakyLSwish, CONV_X),
+    "cpila": _single(CPila, CONV_X),  # inputs on both sides of the kink at 0.2 and around the minimum
+    "crelu": _single(CReLU, CONV_X),
+    "pila": _single(Pila, CONV_X),
     "dense_layer_conv": _single(lambda: LipschitzDenseLayer(nn.Sequential(
         InducedNormConv2d(2, 3, 3, 1, 1, coeff=0.9, spatial_dims=(3, 3)), CLipSwish()), lip_coeff=0.95), CONV_X),
 }
@@ -142,6 +145,10 @@ ACT_CASES["densenet_clipswish_fc"] = _branch_case("clipswish", "fc", densenet=Tr
                                                   fc_densenet_growth=4)
 ACT_CASES["densenet_swish_fixed_concat_conv"] = _branch_case("swish", "conv", densenet=True, dropout=0.0, densenet_depth=2,
                                                              densenet_growth=3, fc_densenet_growth=3, learnable_concat=False)
+# Monotone Flows: the dense CPila branches of a --monotone_resolvent model (the same branch classes).
+for _kind in ("conv", "fc"):
+    ACT_CASES[f"monotone_densenet_cpila_{_kind}"] = _branch_case("cpila", _kind, densenet=True, monotone_resolvent=True, dropout=0.0,
+                                                                 batchnorm=False, densenet_depth=2, densenet_growth=4, fc_densenet_growth=4)
 CASES = {**LEAF_CASES, **ACT_CASES}
 
 
