@@ -157,6 +157,18 @@ class ModelConfig:
     learnable_concat: bool = flag(True, "learn the concatenation weights eta1, eta2", name="--learnable_concat", arch=True)
     lip_coeff: float = flag(0.98, "dense layers' concatenation weights satisfy eta1^2 + eta2^2 = lip-coeff^2",
                             range=_LIP_COEFF)
+    # Variational dequantisation (resflows/layers/vardeq.py): q(u | x) from K conditioned dense blocks, the
+    # Monotone Flows code's flags; q's dense layers take --densenet_depth, --densenet_growth, --learnable_concat
+    # and --lip-coeff from the main flow's flags, as that code's do.
+    var_deq: bool = flag(False, "learned dequantisation noise q(u|x); trains and reports the variational bound", arch=True)
+    var_deq_nblocks: int = flag(2, "invertible blocks of q(u|x)", type=positive_int, range=POSITIVE, arch=True)
+    var_deq_act: str = flag("clipswish", "activation of q's dense layers (CLipSwish by default)", type=parse_act,
+                            choices=act.metadata["flag"].choices, arch=True)
+    var_deq_mf: bool = flag(False, "monotone blocks in q(u|x) instead of residual blocks", arch=True)
+    var_deq_cond_width: int = flag(64, "channels of q's conditioning network c(x) (64 in the Monotone Flows code; a multiple of 4)",
+                                   type=positive_int, range=POSITIVE, arch=True)
+    var_deq_cond_hidden: int = flag(512, "hidden channels of the bottlenecks of c(x) and of the injections (512 there; a multiple of 32)",
+                                    type=positive_int, range=POSITIVE, arch=True)
 
     # Names of the fields that fix the architecture (set below the class, from the fields' arch=True).
     ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
@@ -169,6 +181,7 @@ class ModelConfig:
         self.normalize_mean = tuple(float(m) for m in self.normalize_mean)
         self.normalize_std = tuple(float(s) for s in self.normalize_std)
         self.act = parse_act(self.act)
+        self.var_deq_act = parse_act(self.var_deq_act)
         self.validate()
 
     def validate(self) -> None:
@@ -191,6 +204,8 @@ class ModelConfig:
             raise ConfigError(f"unknown init layer {self.init_layer!r}")
         if self.densenet:
             self._validate_densenet()
+        if self.var_deq:
+            self._validate_var_deq()
         c, h, w = self.input_size
         if self.squeeze_first and (h % 2 or w % 2):
             raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
@@ -207,6 +222,20 @@ class ModelConfig:
             if self.act == "clipswish" and v % 2:  # (that they are >= 1 is their declared range)
                 raise ConfigError(f"{name} must be even with --act CLipSwish (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
+
+    def _validate_var_deq(self) -> None:
+        if self.var_deq_mf:
+            raise ConfigError("--var-deq-mf True (monotone blocks in the dequantiser) is not available in this version; "
+                              "use --var-deq-mf False")
+        if self.var_deq_act == "clipswish" and self.densenet_growth % 2:
+            raise ConfigError(f"--densenet_growth must be even with --var-deq-act CLipSwish (the dequantiser's dense "
+                              f"layers double the channels); got {self.densenet_growth}")
+        if self.var_deq_cond_width % 4:
+            raise ConfigError(f"--var-deq-cond-width must be a multiple of 4 (its group norms have 4 groups); "
+                              f"got {self.var_deq_cond_width}")
+        if self.var_deq_cond_hidden % 32:
+            raise ConfigError(f"--var-deq-cond-hidden must be a multiple of 32 (its group norms have 32 groups); "
+                              f"got {self.var_deq_cond_hidden}")
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
     def to_dict(self) -> Dict[str, Any]:
@@ -316,6 +345,16 @@ class TrainConfig:
     start_learnable_concat: int = flag(25, "epochs during which the concatenation weights are reset after every step",
                                        name="--start_learnable_concat", type=nonnegative_int, range=NON_NEGATIVE)
     lip_coeff: float = _model("lip_coeff")
+    var_deq: bool = _model("var_deq")
+    var_deq_nblocks: int = _model("var_deq_nblocks")
+    var_deq_act: str = _model("var_deq_act")
+    var_deq_mf: bool = _model("var_deq_mf")
+    var_deq_cond_width: int = _model("var_deq_cond_width")
+    var_deq_cond_hidden: int = _model("var_deq_cond_hidden")
+    # ours: K > 1 evaluates log (1/K) sum_k p(x + u_k) / q(u_k | x) (importance-weighted, tighter)
+    eval_dequant_samples: int = flag(1, "dequantisation samples per test image: 1 = the single-sample bound, "
+                                     "K > 1 = the importance-weighted bound", metavar="K", type=positive_int,
+                                     range=POSITIVE, run=True)
     # Ours. run=True: flags of this invocation or machine, always taken from the command line on --resume.
     max_iters: Optional[int] = flag(None, "stop after this many optimizer steps", range=POSITIVE, run=True)
     evaluate: bool = flag(False, "with --resume: report test bits/dim and exit", store_true=True, run=True)
@@ -340,6 +379,17 @@ class TrainConfig:
         if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
             raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
         check_choices(self)
+        if self.var_deq and self.task != "density":
+            raise ConfigError(f"--var-deq True needs --task density (got {self.task})")
+        if self.var_deq and self.padding:
+            raise ConfigError("--var-deq True dequantises the image channels only; drop --padding")
+        if self.eval_dequant_samples > 1:
+            if self.task != "density":
+                raise ConfigError(f"--eval-dequant-samples needs --task density (got {self.task})")
+            if self.padding:
+                raise ConfigError("--eval-dequant-samples > 1 does not cover --padding channels; drop one of them")
+            if not (self.var_deq or self.add_noise):
+                raise ConfigError("--eval-dequant-samples > 1 needs dequantisation noise: --add-noise True or --var-deq True")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -353,6 +403,7 @@ class TrainConfig:
         Unknown keys are ignored; values keep their meaning (SPEC section 1)."""
         cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
         cfg.act = parse_act(cfg.act)  # the i-DenseNets fork saved --act CLipSwish
+        cfg.var_deq_act = parse_act(cfg.var_deq_act)  # the Monotone Flows code saved --var-deq-act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg
 
