@@ -88,6 +88,22 @@ def parse_act(s: str) -> str:
     return ACTIVATION_ALIASES.get(s, s)
 
 
+def check_var_deq(cfg: Any) -> None:
+    """The --var-deq settings of a ModelConfig or TrainConfig (the same field names); raises ConfigError."""
+    if cfg.var_deq_mf:
+        raise ConfigError("--var-deq-mf True (monotone blocks in the dequantiser) is not available in this version; "
+                          "use --var-deq-mf False")
+    if cfg.var_deq_act == "clipswish" and cfg.densenet_growth % 2:
+        raise ConfigError(f"--densenet_growth must be even with --var-deq-act CLipSwish (the dequantiser's dense "
+                          f"layers double the channels); got {cfg.densenet_growth}")
+    if cfg.var_deq_cond_width % 4:
+        raise ConfigError(f"--var-deq-cond-width must be a multiple of 4 (its group norms have 4 groups); "
+                          f"got {cfg.var_deq_cond_width}")
+    if cfg.var_deq_cond_hidden % 32:
+        raise ConfigError(f"--var-deq-cond-hidden must be a multiple of 32 (its group norms have 32 groups); "
+                          f"got {cfg.var_deq_cond_hidden}")
+
+
 # Ranges shared by several fields.
 _COEFF = Range(0, 1, lo_open=True, hi_open=True, why="a residual block is invertible only when its Lipschitz constant is below 1")
 _DROPOUT = Range(0, 1, hi_open=True)
@@ -224,18 +240,7 @@ class ModelConfig:
                                   f"the activation doubles them); got {v}")
 
     def _validate_var_deq(self) -> None:
-        if self.var_deq_mf:
-            raise ConfigError("--var-deq-mf True (monotone blocks in the dequantiser) is not available in this version; "
-                              "use --var-deq-mf False")
-        if self.var_deq_act == "clipswish" and self.densenet_growth % 2:
-            raise ConfigError(f"--densenet_growth must be even with --var-deq-act CLipSwish (the dequantiser's dense "
-                              f"layers double the channels); got {self.densenet_growth}")
-        if self.var_deq_cond_width % 4:
-            raise ConfigError(f"--var-deq-cond-width must be a multiple of 4 (its group norms have 4 groups); "
-                              f"got {self.var_deq_cond_width}")
-        if self.var_deq_cond_hidden % 32:
-            raise ConfigError(f"--var-deq-cond-hidden must be a multiple of 32 (its group norms have 32 groups); "
-                              f"got {self.var_deq_cond_hidden}")
+        check_var_deq(self)
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
     def to_dict(self) -> Dict[str, Any]:
@@ -379,6 +384,8 @@ class TrainConfig:
         if self.data == "digits" and self.imagesize is not None and self.imagesize % 8:
             raise ConfigError(f"--imagesize for digits must be a multiple of 8 (the images are 8x8), got {self.imagesize}")
         check_choices(self)
+        if self.var_deq:
+            check_var_deq(self)
         if self.var_deq and self.task != "density":
             raise ConfigError(f"--var-deq True needs --task density (got {self.task})")
         if self.var_deq and self.padding:
