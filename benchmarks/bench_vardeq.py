@@ -9,7 +9,6 @@ Writes benchmarks/results/bench_vardeq.json (or --out) with every run's figures.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import train_img  # noqa: E402
+from resflows.flags import OneLineArgumentParser, int_at_least, positive_int  # noqa: E402
 
 # One flow for both: two scales of 2 residual blocks; q(u|x) of 2 conditioned dense blocks (small conditioning net).
 MODEL = ["--data", "digits", "--nblocks", "2-2", "--idim", "32", "--fc-end", "False", "--batchsize", "64",
@@ -44,10 +44,10 @@ def mean_se(values):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--k", type=int, default=16, help="importance samples of the tighter bound")
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=positive_int, default=400)
+    p.add_argument("--seeds", type=int_at_least(2, "an integer >= 2 (a standard error needs two runs)"), default=2)
+    p.add_argument("--k", type=int_at_least(2, "an integer >= 2"), default=16, help="importance samples of the tighter bound")
     p.add_argument("--out", default=os.path.join(HERE, "results", "bench_vardeq.json"))
     args = p.parse_args()
     runs = []
