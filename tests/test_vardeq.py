@@ -55,8 +55,9 @@ def test_state_dict_layout_and_size_are_the_reference_codes():
         assert sum(p.numel() for p in block.parameters() if p.requires_grad) == 7_332_406 + 3
 
 
-def test_flags(capsys):
-    code, _, err = cli(TINY + ["--var-deq-mf", "True", "--max-iters", "1"], capsys)
+def test_flags(tmp_path, capsys):
+    """Refused when parsing (exit 2, one line), before anything is written."""
+    code, _, err = cli(TINY + ["--var-deq-mf", "True", "--max-iters", "1", "--save", tmp_path / "x"], capsys)
     assert code == 2 and "--var-deq-mf True" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(TINY + ["--padding", "1"], capsys)
     assert code == 2 and "--padding" in err
@@ -64,6 +65,7 @@ def test_flags(capsys):
     assert code == 2 and "--var-deq-cond-width" in err
     code, _, err = cli(["--data", "digits", "--add-noise", "False", "--eval-dequant-samples", "4"], capsys)
     assert code == 2 and "--eval-dequant-samples" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["paper_blocks", "dense_blocks"])
