@@ -34,14 +34,16 @@ def test_resume_rules():
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels", "fc_end",
         "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
         "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
+        "var_deq", "var_deq_nblocks", "var_deq_act", "var_deq_mf", "var_deq_cond_width", "var_deq_cond_hidden",
     }
     assert set(RUN_FLAGS) == {"resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow",
-                              "max_iters", "save", "inverse"}
+                              "max_iters", "save", "inverse", "eval_dequant_samples"}
     assert set(ModelConfig.ARCH_FIELDS) == {
         "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels",
         "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
         "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat",
+        "var_deq", "var_deq_nblocks", "var_deq_act", "var_deq_mf", "var_deq_cond_width", "var_deq_cond_hidden",
     }
 
 
