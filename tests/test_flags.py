@@ -50,12 +50,14 @@ def test_resume_rules():
 def test_model_config_takes_every_shared_field():
     """A model setting added to ModelConfig and TrainConfig reaches the model without a mapping to update."""
     shared = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    assert len(shared) == 35  # all the fields model_config_from used to list one by one
+    assert len(shared) == 35 + 6  # all the fields model_config_from used to list one by one, and the --var-deq ones
     changed = dict(idim=16, coeff=0.5, n_samples=3, sn_tol=0.01, lip_coeff=0.9, mem_eff=False, densenet_growth=8,
                    nblocks="1-2", kernels="3-3", vnorms="2f2")
     m = model_config_from(TrainConfig(data="digits", **changed))
     got = (m.idim, m.coeff, m.n_samples, m.sn_tol, m.lip_coeff, m.mem_eff, m.densenet_growth)
     assert got == (16, 0.5, 3, 0.01, 0.9, False, 8)
+    m = model_config_from(TrainConfig(data="digits", var_deq=True, var_deq_nblocks=3, var_deq_cond_hidden=64))
+    assert (m.var_deq, m.var_deq_nblocks, m.var_deq_cond_hidden) == (True, 3, 64)
     assert (m.nblocks, m.kernels, m.vnorms) == ((1, 2), (3, 3), (2.0, float("inf"), 2.0))
 
 
