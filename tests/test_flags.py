@@ -56,8 +56,8 @@ def test_model_config_takes_every_shared_field():
     m = model_config_from(TrainConfig(data="digits", **changed))
     got = (m.idim, m.coeff, m.n_samples, m.sn_tol, m.lip_coeff, m.mem_eff, m.densenet_growth)
     assert got == (16, 0.5, 3, 0.01, 0.9, False, 8)
-    m = model_config_from(TrainConfig(data="digits", var_deq=True, var_deq_nblocks=3, var_deq_cond_hidden=64))
-    assert (m.var_deq, m.var_deq_nblocks, m.var_deq_cond_hidden) == (True, 3, 64)
+    vd = model_config_from(TrainConfig(data="digits", var_deq=True, var_deq_nblocks=3, var_deq_cond_hidden=64))
+    assert (vd.var_deq, vd.var_deq_nblocks, vd.var_deq_cond_hidden) == (True, 3, 64)
     assert (m.nblocks, m.kernels, m.vnorms) == ((1, 2), (3, 3), (2.0, float("inf"), 2.0))
 
 
