@@ -68,7 +68,8 @@ def test_flags(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["paper_blocks", "dense_blocks"])
+# The paper's blocks in the slow suite: the same path, with the i-DenseNet main flow in the default one.
+@pytest.mark.parametrize("dense", [pytest.param(False, marks=pytest.mark.slow), True], ids=["paper_blocks", "dense_blocks"])
 def test_training_resume_evaluate_and_sample(tmp_path, capsys, dense):
     flags = TINY + (["--densenet", "True", "--act", "CLipSwish"] if dense else [])
     out = run_ok(flags + ["--max-iters", "4", "--save", tmp_path / "full"], capsys)
