@@ -135,6 +135,22 @@ def parse_act(s: str) -> str:
     return ACTIVATION_ALIASES.get(s, s)
 
 
+def check_var_deq(cfg: Any) -> None:
+    """The --var-deq settings of a ModelConfig or TrainConfig (the same field names); raises ConfigError."""
+    if cfg.var_deq_mf:
+        raise ConfigError("--var-deq-mf True (monotone blocks in the dequantiser) is not available in this version; "
+                          "use --var-deq-mf False")
+    if cfg.var_deq_act == "clipswish" and cfg.densenet_growth % 2:
+        raise ConfigError(f"--densenet_growth must be even with --var-deq-act CLipSwish (the dequantiser's dense "
+                          f"layers double the channels); got {cfg.densenet_growth}")
+    if cfg.var_deq_cond_width % 4:
+        raise ConfigError(f"--var-deq-cond-width must be a multiple of 4 (its group norms have 4 groups); "
+                          f"got {cfg.var_deq_cond_width}")
+    if cfg.var_deq_cond_hidden % 32:
+        raise ConfigError(f"--var-deq-cond-hidden must be a multiple of 32 (its group norms have 32 groups); "
+                          f"got {cfg.var_deq_cond_hidden}")
+
+
 # Ranges shared by several fields.
 _COEFF = Range(0, 1, lo_open=True, hi_open=True, why="a residual block is invertible only when its Lipschitz constant is below 1")
 _DROPOUT = Range(0, 1, hi_open=True)
@@ -208,6 +224,18 @@ class ModelConfig:
     # (resflows/layers/monotone.py). arch=True: the same weights describe another map.
     monotone_resolvent: bool = flag(False, "monotone (Cayley) blocks: solve w + g(w) = sqrt(2) x, y = sqrt(2) w - x",
                                     name="--monotone_resolvent", arch=True)
+    # Variational dequantisation (resflows/layers/vardeq.py): q(u | x) from K conditioned dense blocks, the
+    # Monotone Flows code's flags; q's dense layers take --densenet_depth, --densenet_growth, --learnable_concat
+    # and --lip-coeff from the main flow's flags, as that code's do.
+    var_deq: bool = flag(False, "learned dequantisation noise q(u|x); trains and reports the variational bound", arch=True)
+    var_deq_nblocks: int = flag(2, "invertible blocks of q(u|x)", type=positive_int, range=POSITIVE, arch=True)
+    var_deq_act: str = flag("clipswish", "activation of q's dense layers (CLipSwish by default)", type=parse_act,
+                            choices=act.metadata["flag"].choices, arch=True)
+    var_deq_mf: bool = flag(False, "monotone blocks in q(u|x) instead of residual blocks", arch=True)
+    var_deq_cond_width: int = flag(64, "channels of q's conditioning network c(x) (64 in the Monotone Flows code; a multiple of 4)",
+                                   type=positive_int, range=POSITIVE, arch=True)
+    var_deq_cond_hidden: int = flag(512, "hidden channels of the bottlenecks of c(x) and of the injections (512 there; a multiple of 32)",
+                                    type=positive_int, range=POSITIVE, arch=True)
 
     # Names of the fields that fix the architecture (set below the class, from the fields' arch=True).
     ARCH_FIELDS: ClassVar[Tuple[str, ...]] = ()
@@ -220,6 +248,7 @@ class ModelConfig:
         self.normalize_mean = tuple(float(m) for m in self.normalize_mean)
         self.normalize_std = tuple(float(s) for s in self.normalize_std)
         self.act = parse_act(self.act)
+        self.var_deq_act = parse_act(self.var_deq_act)
         self.validate()
 
     def validate(self) -> None:
@@ -243,6 +272,8 @@ class ModelConfig:
         if self.densenet:
             self._validate_densenet()
         check_monotone(self)
+        if self.var_deq:
+            self._validate_var_deq()
         c, h, w = self.input_size
         if self.squeeze_first and (h % 2 or w % 2):
             raise ConfigError(f"--squeeze-first needs an even image size, got {h}x{w}")
@@ -261,6 +292,9 @@ class ModelConfig:
             if self.act in doubling and v % 2:  # (that they are >= 1 is their declared range)
                 raise ConfigError(f"{name} must be even with --act {doubling[self.act]} (each conv gives half the channels, "
                                   f"the activation doubles them); got {v}")
+
+    def _validate_var_deq(self) -> None:
+        check_var_deq(self)
 
     # -- (de)serialisation: plain types only, so checkpoints load with weights_only=True ----------
     def to_dict(self) -> Dict[str, Any]:
@@ -376,6 +410,16 @@ class TrainConfig:
                                 name="--clip_grad_norm")
     save_freq: int = flag(0, "every N iterations also write models/most_recent_intraepoch.pth (0: off; the Monotone Flows "
                           "fork's default is 100); a multiple of --update-freq", range=NON_NEGATIVE)
+    var_deq: bool = _model("var_deq")
+    var_deq_nblocks: int = _model("var_deq_nblocks")
+    var_deq_act: str = _model("var_deq_act")
+    var_deq_mf: bool = _model("var_deq_mf")
+    var_deq_cond_width: int = _model("var_deq_cond_width")
+    var_deq_cond_hidden: int = _model("var_deq_cond_hidden")
+    # ours: K > 1 evaluates log (1/K) sum_k p(x + u_k) / q(u_k | x) (importance-weighted, tighter)
+    eval_dequant_samples: int = flag(1, "dequantisation samples per test image: 1 = the single-sample bound, "
+                                     "K > 1 = the importance-weighted bound", metavar="K", type=positive_int,
+                                     range=POSITIVE, run=True)
     # Ours. run=True: flags of this invocation or machine, always taken from the command line on --resume.
     max_iters: Optional[int] = flag(None, "stop after this many optimizer steps", range=POSITIVE, run=True)
     evaluate: bool = flag(False, "with --resume: report test bits/dim and exit", store_true=True, run=True)
@@ -422,6 +466,19 @@ class TrainConfig:
             from .factory import model_config_from
 
             model_config_from(self)
+        if self.var_deq:
+            check_var_deq(self)
+        if self.var_deq and self.task != "density":
+            raise ConfigError(f"--var-deq True needs --task density (got {self.task})")
+        if self.var_deq and self.padding:
+            raise ConfigError("--var-deq True dequantises the image channels only; drop --padding")
+        if self.eval_dequant_samples > 1:
+            if self.task != "density":
+                raise ConfigError(f"--eval-dequant-samples needs --task density (got {self.task})")
+            if self.padding:
+                raise ConfigError("--eval-dequant-samples > 1 does not cover --padding channels; drop one of them")
+            if not (self.var_deq or self.add_noise):
+                raise ConfigError("--eval-dequant-samples > 1 needs dequantisation noise: --add-noise True or --var-deq True")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -435,6 +492,7 @@ class TrainConfig:
         Unknown keys are ignored; values keep their meaning (our flags are the paper's)."""
         cfg = cls.from_dict({k: v for k, v in args.items() if not k.startswith("_")})
         cfg.act = parse_act(cfg.act)  # the i-DenseNets fork saved --act CLipSwish
+        cfg.var_deq_act = parse_act(cfg.var_deq_act)  # the Monotone Flows code saved --var-deq-act CLipSwish
         # The paper stored booleans as bools (type=eval) and the numeric flags already typed.
         return cfg
 

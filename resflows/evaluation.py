@@ -21,15 +21,16 @@ from .datasets import get_spec
 from .distributed import all_reduce_sum, broadcast_buffers
 from .factory import image_size, nvals_of
 from .layers.power import TIGHT_LIPSCHITZ
-from .losses import ModelForward, compute_loss
+from .losses import LossOut, ModelForward, compute_loss
 from .runlog import TrainingError, progress
 
 __all__ = ["TIGHT_LIPSCHITZ", "SAMPLE_CHUNK", "image_shape", "tighten_lipschitz", "prepare_for_eval", "evaluate",
-           "draw_samples", "save_samples", "GRID_MIN_WIDTH", "grid_scale", "save_grid"]
+           "dequantization_bound", "draw_samples", "save_samples", "GRID_MIN_WIDTH", "grid_scale", "save_grid"]
 
 logger = logging.getLogger("resflows")
 
 SAMPLE_CHUNK = 64  # samples inverted at once: bounds the memory of the fixed-point iterations
+BOUND_NAMES = {False: "single-sample", True: "importance-weighted"}  # eval.json's "bound", by K > 1
 
 
 def image_shape(cfg: TrainConfig) -> Tuple[int, int, int]:
@@ -58,12 +59,17 @@ def evaluate(model, loader: Iterable, cfg: TrainConfig, device: Optional[torch.d
     accuracy and cross-entropy for the classification / hybrid tasks of ``cfg``. Logs one line."""
     device = device or next(model.parameters()).device
     shape, nvals = image_shape(cfg), nvals_of(cfg)
+    k_samples = cfg.eval_dequant_samples
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, sum bpd, sum bpd^2, correct, xent
+    # n, sum bpd, sum bpd^2, correct, xent, and with --var-deq the sums of log q / (D ln 2) and of its square
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     t0 = time.time()
     for x, y in progress(loader, show_progress, desc="validate"):
         x, y = x.to(device), y.to(device)
-        out = compute_loss(ModelForward(model), x, y, cfg, shape, nvals)
+        if k_samples > 1:
+            out = dequantization_bound(model, x, y, cfg, shape, nvals, k_samples)
+        else:
+            out = compute_loss(ModelForward(model), x, y, cfg, shape, nvals)
         sums[0] += x.shape[0]
         if out.bpd is not None:
             sums[1] += out.bpd.double().sum()
@@ -71,6 +77,10 @@ def evaluate(model, loader: Iterable, cfg: TrainConfig, device: Optional[torch.d
         if out.logits is not None:
             sums[3] += (out.logits.argmax(1) == y).double().sum()
             sums[4] += F.cross_entropy(out.logits, y, reduction="sum").double()
+        if out.logq is not None:
+            q_bpd = out.logq.double() / (math.prod(shape) * math.log(2))
+            sums[5] += q_bpd.sum()
+            sums[6] += (q_bpd**2).sum()
     sums = all_reduce_sum(sums)
     n = int(sums[0].item())
     res: Dict[str, Any] = {"n_images": n, "seconds": time.time() - t0}
@@ -78,6 +88,11 @@ def evaluate(model, loader: Iterable, cfg: TrainConfig, device: Optional[torch.d
         mean = sums[1].item() / n
         var = max(sums[2].item() / n - mean**2, 0.0) * n / max(n - 1, 1)
         res.update(test_bpd=mean, test_bpd_stderr=math.sqrt(var / n))
+        res.update(dequant_samples=k_samples, bound=BOUND_NAMES[k_samples > 1])
+    if cfg.var_deq and k_samples == 1:
+        # The two parts of the single-sample bound: -log p(x + u) and log q(u | x), in bits/dim (bpd = flow + q).
+        q_mean = sums[5].item() / n
+        res.update(test_logq_bpd=q_mean, test_flow_bpd=res["test_bpd"] - q_mean)
     if cfg.task != "density":
         res.update(test_acc=sums[3].item() / n, test_crossent=sums[4].item() / n)
     msg = f"epoch {label} | test" if label is not None else "test"
@@ -87,6 +102,22 @@ def evaluate(model, loader: Iterable, cfg: TrainConfig, device: Optional[torch.d
         msg += f" acc {res['test_acc']:.4f}"
     logger.info("%s (%d images, %.1f s)", msg, n, res["seconds"])
     return res
+
+
+def dequantization_bound(model, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, shape: Tuple[int, int, int], nvals: int,
+                         k_samples: int) -> LossOut:
+    """Per-image bits/dim of the importance-weighted bound ``log (1/K) sum_k p(x + u_k) / q(u_k | x)`` (Burda et al.
+    2016), ``u_k`` drawn from the model's q(u | x) (``--var-deq``) or uniform (then q = 1), for noise-free images
+    ``x``. It never decreases with K and tends to log P(x); K = 1 is the single-sample bound."""
+    forward = ModelForward(model)
+    log_w = []
+    d_ln2 = math.prod(shape) * math.log(2)
+    for _ in range(k_samples):
+        xk = x if cfg.var_deq else ((nvals - 1) * x + torch.rand_like(x)) / nvals
+        # compute_loss's bits/dim is -log w_k / (D ln 2), log w_k = log p(x + u_k) - D log nvals - log q(u_k | x).
+        log_w.append(-compute_loss(forward, xk, y, cfg, shape, nvals).bpd.double() * d_ln2)
+    bound = torch.logsumexp(torch.stack(log_w), 0) - math.log(k_samples)
+    return LossOut(loss=x.new_zeros(()), bpd=-bound / d_ln2)
 
 
 @torch.no_grad()

@@ -39,14 +39,17 @@ def _workers(requested: int) -> int:
 def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True) -> RunData:
     """The ``--data`` test set (and, with ``train``, the training set) for this rank."""
     seed = cfg.seed or 0
+    # --var-deq draws the noise in the model (q(u | x)) and --eval-dequant-samples K > 1 draws K noises per
+    # test image in the evaluation: their loaders give noise-free images.
+    add_noise = cfg.add_noise and not cfg.var_deq
     common = dict(dataroot=cfg.dataroot, imagesize=image_size(cfg), nbits=cfg.nbits, task=cfg.task,
-                  add_noise=cfg.add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
+                  add_noise=add_noise, padding=cfg.padding, padding_dist=cfg.padding_dist,
                   rcrop_pad_mode=cfg.rcrop_pad_mode, seed=seed, dequant=cfg.dequant)
     # Own generator: creating loader iterators must not consume the global RNG (exact resume). Workers
     # are not persistent: each epoch's workers must see the dataset's new epoch (its noise and flips).
     loader_kw = dict(num_workers=_workers(cfg.nworkers), pin_memory=dist.device.type == "cuda",
                      persistent_workers=False, generator=torch.Generator())
-    test_set = build_dataset(cfg.data, train=False, **common)
+    test_set = build_dataset(cfg.data, train=False, **dict(common, add_noise=add_noise and cfg.eval_dequant_samples == 1))
     test_set.set_epoch(-1)  # fixed dequantisation noise: test bits/dim comparable across epochs
     test_loader = DataLoader(test_set, batch_size=max(cfg.val_batchsize // dist.world_size, 1),
                              sampler=ShardSampler(len(test_set), dist.rank, dist.world_size), **loader_kw)

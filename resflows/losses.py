@@ -65,17 +65,23 @@ class LossOut:
     logdet: Optional[Tensor] = None
     logits: Optional[Tensor] = None
     crossent: Optional[Tensor] = None
+    logq: Optional[Tensor] = None  # log q(u | x) per example (--var-deq)
 
 
 class ModelForward(nn.Module):
     """``forward(x, mode)`` over the model's entry points, so DistributedDataParallel wraps one forward:
-    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits."""
+    'density' -> (z, logdet), 'hybrid' -> (z, logdet, logits), 'classify' -> logits, 'vardeq' -> (z, logdet, log q)
+    with the flow applied to ``x`` dequantised by the model's q(u | x) into ``nvals`` bins."""
 
     def __init__(self, model: "ResidualFlow"):
         super().__init__()
         self.model = model
 
-    def forward(self, x, mode: str = "density"):
+    def forward(self, x, mode: str = "density", nvals: int = 256):
+        if mode == "vardeq":
+            y, logq = self.model.dequantize(x, nvals)
+            z, logdet = self.model(y)
+            return z, logdet, logq
         if mode == "classify":
             return self.model.classify(x)
         if mode == "hybrid":
@@ -98,9 +104,15 @@ def compute_loss(forward: nn.Module, x: Tensor, y: Tensor, cfg: "TrainConfig", i
     if cfg.task == "hybrid":
         z, logdet, logits = forward(x, "hybrid")
         out.logits, out.crossent = logits, F.cross_entropy(logits, y)
+    elif getattr(cfg, "var_deq", False):
+        # The variational bound log p(x + u) - log q(u | x), u ~ q (Flow++ eq. 12): log q enters where the
+        # padding noise's density does, and beta anneals it with the log-det (as the Monotone Flows code).
+        z, logdet, out.logq = forward(x, "vardeq", nvals)
     else:
         z, logdet = forward(x, "density")
     logpu = padding_logprob(x, image_shape[0], nvals, cfg.padding_dist) if cfg.padding else None
+    if out.logq is not None:
+        logpu = beta * out.logq
     out.bpd = bits_per_dim(z, logdet, image_shape, nvals, cfg.padding, logpu, beta)
     out.logpz = standard_normal_logprob(z).reshape(z.shape[0], -1).sum(1)
     out.logdet = logdet

@@ -42,6 +42,7 @@ from .layers.dense import dense_conv_layers, dense_fc_layers
 from .layers.monotone import MonotoneBlock
 from .layers.squeeze import squeeze, unsqueeze
 from .layers.upkeep import FlowUpkeep
+from .layers.vardeq import VariationalDequantizer, conditioned_branch, make_block
 
 Tensor = torch.Tensor
 Size = Tuple[int, int, int]
@@ -173,6 +174,27 @@ class _StackBuilder:
 
         return dense_conv_layers(ch, growth=c.densenet_growth, make_conv=conv, batchnorm=c.batchnorm, **common)
 
+    # -- variational dequantiser -------------------------------------------------------------
+    def dequantizer(self, size: Size) -> VariationalDequantizer:
+        """q(u | x) on images of ``size`` (resflows/layers/vardeq.py): ``--var-deq-nblocks`` blocks of the class
+        ``--var-deq-mf`` picks, with the main flow's estimator settings and dense-layer flags."""
+        c = self.cfg
+        ch, h, w = size
+        p = c.vnorms[0]
+
+        def conv(n_in, n_out, k):
+            return get_conv2d(n_in, n_out, k, 1, k // 2, domain=p, codomain=p, spatial_dims=(h, w), **self._lip_kwargs())
+
+        block_cls = iResBlock  # --var-deq-mf True (monotone blocks) is refused by ModelConfig until they exist
+        estimator = dict(n_power_series=c.n_power_series, n_dist=c.n_dist, n_samples=c.n_samples,
+                         n_exact_terms=c.n_exact_terms, neumann_grad=c.neumann_grad, grad_in_forward=c.mem_eff)
+        return VariationalDequantizer([
+            make_block(block_cls, conditioned_branch(ch, c.densenet_depth, c.densenet_growth, c.var_deq_act, conv,
+                                                     c.learnable_concat, c.lip_coeff, c.var_deq_cond_width,
+                                                     c.var_deq_cond_hidden), **estimator)
+            for _ in range(c.var_deq_nblocks)
+        ])
+
     # -- coupling blocks ---------------------------------------------------------------------
     def coupling(self, size: Size, fc: bool, idim: int, swap: bool, checkerboard: bool, first: bool = False) -> nn.Module:
         c = self.cfg
@@ -281,6 +303,8 @@ class ResidualFlow(FlowUpkeep):
                     size = (size[0] - size[0] // 2, size[1], size[2])
         self.dims.append(size)
         self.transforms = nn.ModuleList(transforms)
+        # q(u | x) of --var-deq; None (no state_dict keys) otherwise, as in the Monotone Flows code.
+        self.dequantizer = builder.dequantizer(config.input_size) if config.var_deq else None
         if config.classification:
             self._build_classifier()
 
@@ -348,6 +372,15 @@ class ResidualFlow(FlowUpkeep):
         """``(z, log|det dz/dx|)``."""
         z, logdet, _ = self._run(x, True, False)
         return z, logdet
+
+    def dequantize(self, x: Tensor, nvals: int) -> Tuple[Tensor, Tensor]:
+        """``(y, log q(u | x))`` with ``u ~ q(u | x)`` (``--var-deq``): ``y = ((nvals - 1) x + u) / nvals`` is what the
+        flow sees, i.e. ``(k + u) / nvals`` for the noise-free image ``x = k / (nvals - 1)``; ``log q`` is [B]."""
+        if self.dequantizer is None:
+            raise RuntimeError("this model has no variational dequantiser (built without --var-deq)")
+        check_images(self, x)
+        u, logq = self.dequantizer(x)
+        return ((nvals - 1) * x + u) / nvals, logq
 
     def forward_with_logits(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(z, logdet, logits)`` for the hybrid task (classification heads on every scale)."""

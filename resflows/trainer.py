@@ -161,6 +161,8 @@ class Trainer:
         self.model.train()
         if self.model.config.classification:
             self.model.classify(x.to(self.device))  # also initialises the heads' ActNorms
+        elif self.model.dequantizer is not None:
+            self.model.transform(self.model.dequantize(x.to(self.device), self.nvals)[0])  # ActNorm sees x + u, u ~ q
         else:
             self.model.transform(x.to(self.device))
         broadcast_buffers(self.model)
@@ -379,6 +381,10 @@ class Trainer:
             m.update(bpd=out.bpd.mean().item(), logpz=out.logpz.mean().item(), neg_delta_logp=out.logdet.mean().item())
         if out.crossent is not None:
             m.update(crossent=out.crossent.item(), acc=(out.logits.argmax(1) == y).float().mean().item())
+        if out.logq is not None:
+            # The bound's two parts in bits/dim: bpd = flow_bpd + beta * logq_bpd (flow: -log p(x + u), q: log q(u | x)).
+            logq_bpd = out.logq.mean().item() / (math.prod(self.image_shape) * math.log(2))
+            m.update(logq_bpd=logq_bpd, flow_bpd=m["bpd"] - self.beta() * logq_bpd)
         return m
 
     def optimize(self, n_accum: int) -> Optional[Dict[str, float]]:
@@ -432,6 +438,8 @@ class Trainer:
         parts = [f"epoch {self.epoch} | iter {self.itr} | step {self.step}"]
         if "bpd" in m:
             parts.append(f"bits/dim {m['bpd']:.4f} | log p(z) {m['logpz']:.2f} | -delta log p {m['neg_delta_logp']:.2f}")
+        if "logq_bpd" in m:
+            parts.append(f"flow bits/dim {m['flow_bpd']:.4f} | log q bits/dim {m['logq_bpd']:.4f}")
         if "crossent" in m:
             parts.append(f"xent {m['crossent']:.4f} | acc {m['acc']:.3f}")
         parts.append(f"grad norm {m['grad_norm']:.3f} | lr {m['lr']:.2e}")
@@ -441,7 +449,8 @@ class Trainer:
             # Our bits/dim is the unbiased estimate (not the Neumann surrogate the paper logged).
             for k, tag in (("bpd", "train/bits_per_dim"), ("logpz", "train/logpz"), ("neg_delta_logp", "train/neg_delta_logp"),
                            ("grad_norm", "train/grad_norm"), ("lr", "train/lr"), ("crossent", "train/crossent"),
-                           ("acc", "train/accuracy"), ("loss", "train/loss")):
+                           ("acc", "train/accuracy"), ("loss", "train/loss"), ("flow_bpd", "train/flow_bits_per_dim"),
+                           ("logq_bpd", "train/logq_bits_per_dim")):
                 if k in m:
                     w.add_scalar(tag, m[k], s)
             for name, (m1, m2) in self.model.estimator_moments().items():

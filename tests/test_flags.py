@@ -35,26 +35,30 @@ def test_resume_rules():
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels", "fc_end",
         "fc_idim", "preact", "first_resblock", "cdim", "task", "logit_transform", "nbits",
         "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat", "monotone_resolvent",
+        "var_deq", "var_deq_nblocks", "var_deq_act", "var_deq_mf", "var_deq_cond_width", "var_deq_cond_hidden",
     }
     assert set(RUN_FLAGS) == {"resume", "dataroot", "nworkers", "device", "tf32", "evaluate", "sample", "temp", "nrow",
-                              "max_iters", "save", "inverse"}
+                              "max_iters", "save", "inverse", "eval_dequant_samples"}
     assert set(ModelConfig.ARCH_FIELDS) == {
         "input_size", "nblocks", "block", "idim", "squeeze_first", "factor_out", "quadratic", "init_layer",
         "actnorm", "fc_actnorm", "batchnorm", "fc", "vnorms", "learn_p", "act", "kernels",
         "fc_end", "fc_nblocks", "fc_idim", "preact", "first_resblock", "classification", "n_classes", "cdim",
         "densenet", "densenet_depth", "densenet_growth", "fc_densenet_growth", "learnable_concat", "monotone_resolvent",
+        "var_deq", "var_deq_nblocks", "var_deq_act", "var_deq_mf", "var_deq_cond_width", "var_deq_cond_hidden",
     }
 
 
 def test_model_config_takes_every_shared_field():
     """A model setting added to ModelConfig and TrainConfig reaches the model without a mapping to update."""
     shared = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    assert len(shared) == 36  # all the fields model_config_from used to list one by one, and monotone_resolvent
+    assert len(shared) == 36 + 6  # all the fields model_config_from used to list one by one, monotone_resolvent, the --var-deq ones
     changed = dict(idim=16, coeff=0.5, n_samples=3, sn_tol=0.01, lip_coeff=0.9, mem_eff=False, densenet_growth=8,
                    nblocks="1-2", kernels="3-3", vnorms="2f2")
     m = model_config_from(TrainConfig(data="digits", **changed))
     got = (m.idim, m.coeff, m.n_samples, m.sn_tol, m.lip_coeff, m.mem_eff, m.densenet_growth)
     assert got == (16, 0.5, 3, 0.01, 0.9, False, 8)
+    vd = model_config_from(TrainConfig(data="digits", var_deq=True, var_deq_nblocks=3, var_deq_cond_hidden=64))
+    assert (vd.var_deq, vd.var_deq_nblocks, vd.var_deq_cond_hidden) == (True, 3, 64)
     assert (m.nblocks, m.kernels, m.vnorms) == ((1, 2), (3, 3), (2.0, float("inf"), 2.0))
 
 

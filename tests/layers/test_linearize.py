@@ -34,6 +34,7 @@ from resflows.layers import (
 from resflows.layers.activations import CPila, CReLU, LeakyLSwish, Pila
 from resflows.layers.dense import LipschitzDenseLayer
 from resflows.layers.fc import FCNet
+from resflows.layers.vardeq import conditioned_branch
 
 D64 = torch.float64
 RTOL = 1e-10
@@ -111,7 +112,18 @@ LEAF_CASES = {
     "pila": _single(Pila, CONV_X),
     "dense_layer_conv": _single(lambda: LipschitzDenseLayer(nn.Sequential(
         InducedNormConv2d(2, 3, 3, 1, 1, coeff=0.9, spatial_dims=(3, 3)), CLipSwish()), lip_coeff=0.95), CONV_X),
+    "vardeq_branch": lambda: _conditioned_case(),
 }
+
+
+def _conditioned_case():
+    """The dequantiser's branch g(s; x), conditioned on a fixed image (its conditioning net gets gradients too)."""
+    torch.manual_seed(0)
+    branch = conditioned_branch(2, 2, 4, "clipswish", lambda i, o, k: get_conv2d(i, o, k, 1, k // 2, coeff=0.9, spatial_dims=(3, 3)),
+                                lip_coeff=0.95, cond_width=4, cond_hidden=64)  # 2 channels per group norm group
+    branch = randomize(branch, 1).train()
+    branch.condition = torch.rand(CONV_X, generator=torch.Generator().manual_seed(3), dtype=D64)
+    return branch, inputs(CONV_X, 2)
 
 
 def model_branches(act: str, **kw):
