@@ -67,9 +67,9 @@ def test_model_and_command_line_select_the_inverse():
     from resflows.factory import model_config_from
     from resflows.model import ResidualFlow
 
-    cfg, _ = parse_args(["--data", "digits", "--inverse", "anderson"])
+    cfg, _ = parse_args(["--data", "digits", "--nblocks", "2-2", "--inverse", "anderson"])
     assert cfg.inverse == "anderson"
-    assert parse_args(["--data", "digits"])[0].inverse == "fixed-point"  # the paper's iteration stays the default
+    assert parse_args(["--data", "digits", "--nblocks", "2-2"])[0].inverse == "fixed-point"  # the paper's iteration stays the default
     torch.manual_seed(0)
     model = ResidualFlow(model_config_from(TrainConfig(data="digits", nblocks="1-1", idim=8, fc_idim=16))).double()
     x = torch.rand(4, 1, 8, 8, dtype=D64)
