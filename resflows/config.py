@@ -137,9 +137,6 @@ def parse_act(s: str) -> str:
 
 def check_var_deq(cfg: Any) -> None:
     """The --var-deq settings of a ModelConfig or TrainConfig (the same field names); raises ConfigError."""
-    if cfg.var_deq_mf:
-        raise ConfigError("--var-deq-mf True (monotone blocks in the dequantiser) is not available in this version; "
-                          "use --var-deq-mf False")
     if cfg.var_deq_act == "clipswish" and cfg.densenet_growth % 2:
         raise ConfigError(f"--densenet_growth must be even with --var-deq-act CLipSwish (the dequantiser's dense "
                           f"layers double the channels); got {cfg.densenet_growth}")

@@ -185,7 +185,7 @@ class _StackBuilder:
         def conv(n_in, n_out, k):
             return get_conv2d(n_in, n_out, k, 1, k // 2, domain=p, codomain=p, spatial_dims=(h, w), **self._lip_kwargs())
 
-        block_cls = iResBlock  # --var-deq-mf True (monotone blocks) is refused by ModelConfig until they exist
+        block_cls = MonotoneBlock if c.var_deq_mf else iResBlock  # --var-deq-mf: the dequantiser's blocks
         estimator = dict(n_power_series=c.n_power_series, n_dist=c.n_dist, n_samples=c.n_samples,
                          n_exact_terms=c.n_exact_terms, neumann_grad=c.neumann_grad, grad_in_forward=c.mem_eff)
         return VariationalDequantizer([

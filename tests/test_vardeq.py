@@ -57,13 +57,14 @@ def test_state_dict_layout_and_size_are_the_reference_codes():
 
 def test_flags(tmp_path, capsys):
     """Refused when parsing (exit 2, one line), before anything is written."""
-    code, _, err = cli(TINY + ["--var-deq-mf", "True", "--max-iters", "1", "--save", tmp_path / "x"], capsys)
-    assert code == 2 and "--var-deq-mf True" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(TINY + ["--var-deq-act", "CLipSwish", "--densenet_growth", "7", "--max-iters", "1", "--save",
+                               tmp_path / "x"], capsys)
+    assert code == 2 and "--densenet_growth" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(TINY + ["--padding", "1"], capsys)
     assert code == 2 and "--padding" in err
     code, _, err = cli(TINY + ["--var-deq-cond-width", "6"], capsys)
     assert code == 2 and "--var-deq-cond-width" in err
-    code, _, err = cli(["--data", "digits", "--add-noise", "False", "--eval-dequant-samples", "4"], capsys)
+    code, _, err = cli(["--data", "digits", "--nblocks", "2-2", "--add-noise", "False", "--eval-dequant-samples", "4"], capsys)
     assert code == 2 and "--eval-dequant-samples" in err
     assert not (tmp_path / "x").exists()
 
@@ -140,3 +141,19 @@ def test_reference_checkpoints_load(tmp_path):
     ema = load_model(str(path), ema=True)
     for k, v in shadow.items():
         assert torch.equal(ema.state_dict()[k], v), k
+
+
+def test_monotone_dequantizer_trains_and_resumes(tmp_path, capsys):
+    """--var-deq-mf True: the dequantiser's blocks are monotone blocks (same keys); two steps train, the checkpoint
+    holds them and evaluates."""
+    run = tmp_path / "mf"
+    code, out, err = cli(TINY + ["--var-deq-mf", "True", "--max-iters", "2", "--save", run], capsys)
+    assert code == 0, err
+    from resflows.layers.monotone import MonotoneBlock
+    from resflows.loading import load_model
+
+    model = load_model(str(run / "models" / "most_recent.pth"))
+    assert model.dequantizer is not None and all(isinstance(b, MonotoneBlock) for b in model.dequantizer.nnet)
+    code, out, err = cli(["--resume", run / "models" / "most_recent.pth", "--evaluate", "--nworkers", "0",
+                          "--val-batchsize", "200"], capsys)
+    assert code == 0, err

@@ -29,6 +29,7 @@ weighted by its own upstream gradient. ``--neumann-grad False`` differentiates t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -168,6 +169,20 @@ def residual_weights(weights: Sequence[float]) -> List[float]:
     return [(-2.0 * w if k % 2 else 0.0) for k, w in enumerate(weights[:n], start=1)]
 
 
+@contextlib.contextmanager
+def _branch_condition(nnet: nn.Module, condition: Optional[Tensor]):
+    """A conditioned branch (the variational dequantiser's ``g(s; x)``, which reads ``x`` from its ``condition``
+    attribute, set only during the forward pass) sees the forward pass's condition again in the backward pass."""
+    if condition is None:
+        yield
+        return
+    old, nnet.condition = nnet.condition, condition
+    try:
+        yield
+    finally:
+        nnet.condition = old
+
+
 class _ImplicitSolve(torch.autograd.Function):
     """``b -> w`` with ``w + g(w) = b``; backward: ``u = (I + J^T)^{-1} grad_w`` by the fixed-point iteration
     ``u = grad_w - J^T u``, then ``grad_b = u`` and ``grad_theta = -u^T dg/dtheta`` at ``w``."""
@@ -176,6 +191,7 @@ class _ImplicitSolve(torch.autograd.Function):
     def forward(ctx, block: "MonotoneBlock", b: Tensor, *params: Tensor):
         w = block._solve(b, sign=-1.0)
         ctx.block = block
+        ctx.condition = getattr(block.nnet, "condition", None)  # a dequantiser branch's image (None otherwise)
         ctx.save_for_backward(w)
         return w
 
@@ -184,11 +200,12 @@ class _ImplicitSolve(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         block = ctx.block
         params = [p for p in block.nnet.parameters() if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), _branch_condition(block.nnet, ctx.condition):
             w_ = w.detach().requires_grad_(True)
             g = block.nnet(w_)
         if block.linearizable:
-            _, tape = linearize.primal(block.nnet, w)
+            with _branch_condition(block.nnet, ctx.condition):
+                _, tape = linearize.primal(block.nnet, w)
             vjp = lambda u: linearize.tape_vjp(tape, u)  # noqa: E731
         else:
             vjp = lambda u: torch.autograd.grad(g, w_, u, retain_graph=True)[0]  # noqa: E731
