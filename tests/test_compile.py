@@ -92,6 +92,14 @@ def test_modes_that_need_double_backward_stay_eager():
         assert not blocks and len(eager) == 1 and reason in next(iter(eager))
         assert all(b.compiled_passes is None for b in model.modules() if isinstance(b, iResBlock))
 
+    # Blocks with passes of their own: monotone blocks and the variational dequantiser's (not compiled yet).
+    model = ResidualFlow(model_config_from(_config(nblocks="1", fc_end=False, densenet=True, densenet_depth=2,
+                                                   densenet_growth=8, monotone_resolvent=True, var_deq=True,
+                                                   var_deq_nblocks=1, var_deq_cond_width=8, var_deq_cond_hidden=32)))
+    _, blocks, eager = compiled.enable(model)
+    assert not blocks and sorted(eager.values()) == [1, 1], eager
+    assert any("monotone" in r for r in eager) and any("dequantiser" in r for r in eager)
+
 
 def test_compile_refused_without_a_compiler(tmp_path, monkeypatch, capsys):
     import train_img

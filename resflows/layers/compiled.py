@@ -145,6 +145,13 @@ class CompiledPasses:
 
 def eager_reason(block: nn.Module) -> Optional[str]:
     """Why this residual block's training step stays eager under ``--compile`` (None: it is compiled)."""
+    from .monotone import MonotoneBlock
+    from .vardeq import ConditionedBranch
+
+    if isinstance(block, MonotoneBlock):  # its solves and log-det run their own (eager) passes
+        return "monotone blocks (--monotone_resolvent, --var-deq-mf) are not compiled yet"
+    if isinstance(block.nnet, ConditionedBranch):  # reads its condition from an attribute set per pass
+        return "the variational dequantiser's blocks are not compiled yet"
     if block.exact_trace or block.brute_force:
         return "exact log-determinants"
     if not block.neumann_grad:
