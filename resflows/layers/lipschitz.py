@@ -28,7 +28,14 @@ import torch.nn.init as init
 
 from . import precision
 from .norms import INF, Order, as_order, asym_squash, closed_form_setting, has_closed_form, normalize_u, normalize_v
-from .power import INIT_POWER_ITERATIONS, INIT_RESTARTS, INIT_TOLERANCE, MAX_POWER_ITERATIONS, update_lipschitz
+from .power import (
+    INIT_POWER_ITERATIONS,
+    INIT_RESTARTS,
+    INIT_TOLERANCE,
+    MAX_POWER_ITERATIONS,
+    ROUNDED_NORM_STEPS,
+    update_lipschitz,
+)
 
 Tensor = torch.Tensor
 
@@ -268,8 +275,15 @@ class InducedNorm(LipschitzMap):
         # one_step_sigma, a separate objective, not from the loss.
         return torch.dot(self.u, self._matvec(self.weight, self.v))
 
-    def norm_of(self, weight: Tensor) -> Tensor:
-        return torch.dot(self.u, self._matvec(weight, self.v))
+    def norm_of(self, weight: Tensor, steps: int = ROUNDED_NORM_STEPS) -> Tensor:
+        # A few power steps on ``weight`` from the stored vectors (left untouched): the rounded weight's top
+        # singular vectors differ from the float32 weight's, and u^T W' v at the old ones underestimates its norm.
+        domain, codomain = self._detached_orders()
+        u, v = self.u, self.v
+        for _ in range(steps):
+            u = normalize_u(self._matvec(weight, v), codomain)
+            v = normalize_v(self._rmatvec(weight, u), domain)
+        return torch.dot(u, self._matvec(weight, v))
 
     def one_step_sigma(self) -> Tensor:
         """sigma after one power step from the stored (detached) vectors and weight, differentiable in the

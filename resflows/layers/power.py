@@ -31,6 +31,9 @@ INIT_POWER_ITERATIONS = 200
 INIT_TOLERANCE = 1e-4
 # Power iterations run to convergence before a final evaluation (train_img.py --evaluate) and for EMA
 # weights loaded with load_model(ema=True): the spectral norms, hence the log-dets, are then exact to 1e-6.
+# --precision bf16: power steps that measure each rounded normalised weight's norm, once per step and layer, from
+# the float32 weight's vectors (resflows/layers/precision.py rescales where it exceeds coeff).
+ROUNDED_NORM_STEPS = 5
 TIGHT_LIPSCHITZ = dict(atol=1e-6, rtol=1e-6, max_iterations=2000)
 # train_toy.py with --n-lipschitz-iters None and neither --atol nor --rtol: iterate to this tolerance.
 TOY_TOLERANCE = 1e-3

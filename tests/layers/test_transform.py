@@ -36,6 +36,7 @@ from resflows.layers.base import FlowLayer
 from resflows.layers.fc import FCWrapper
 from resflows.layers.jacobian import jacobian_logdet
 from resflows.layers.lipschitz import lipschitz_layers, update_lipschitz
+from resflows.layers.monotone import MonotoneBlock
 from resflows.layers.normalization import MovingBatchNormNd
 from resflows.toy.model import MovingBatchNormFlow1d, ToyFlow
 from tests.flowcheck import check_flow_layer
@@ -78,6 +79,9 @@ CASES = {
     Normalize: lambda: (Normalize((0.4, 0.5), (0.2, 0.3)), X_IMG),
     SqueezeLayer: lambda: (SqueezeLayer(2), X_IMG),
     iResBlock: lambda: (_resblock(fc=False), X_IMG),
+    # (a deterministic branch: the solves evaluate it many times)
+    MonotoneBlock: lambda: (MonotoneBlock(nn.Sequential(get_linear(4, 8, coeff=0.9), LipSwish(), get_linear(8, 4, coeff=0.9))),
+                            (3, 4)),
     CouplingBlock: lambda: (CouplingBlock(4, nn.Sequential(nn.Linear(2, 8), nn.ELU(), nn.Linear(8, 4))), (3, 4)),
     ChannelCouplingBlock: lambda: (ChannelCouplingBlock(2, _conv_net(1, 2)), X_IMG),
     MaskedCouplingBlock: lambda: (MaskedCouplingBlock(2, _conv_net(2, 4)), X_IMG),
@@ -124,6 +128,8 @@ def test_flow_layer_contract(cls):
         if isinstance(m, iResBlock):
             m.brute_force = True
             m.inverse_atol, m.inverse_rtol = 1e-22, 0.0  # squared steps below 1e-22: x to ~1e-10
+        if isinstance(m, MonotoneBlock):  # the Jacobian below differentiates its solve: adjoints to round-off
+            m.adjoint_atol = m.adjoint_rtol = 1e-14
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=D64) * 0.8 + 0.1
     with torch.no_grad():  # brute-force log-dets without a graph
         _, logdet = check_flow_layer(layer, x, rtol=1e-8, inv_atol=1e-9, check_jacobian=False)
