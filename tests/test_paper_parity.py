@@ -75,9 +75,16 @@ def test_dequant_flag_start_line_and_eval_json(tmp_path, capsys, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(train_img, "ResidualFlow", stop)  # the line comes before the model is built
+    root = tmp_path / "data"
+    (root / "celebahq").mkdir(parents=True)
+    for split in ("train", "validation"):  # the data is read before the line is logged: two tiny 5-bit files
+        torch.save(torch.randint(0, 32, (2, 3, 256, 256), dtype=torch.uint8), root / "celebahq" / f"celeba256_{split}.pth")
     for extra, expected in (([], True), (["--dequant", "paper"], False)):
         with pytest.raises(Stop):
-            train_img.run(["--data", "celebahq", "--nbits", "5", "--save", str(tmp_path / "c"), "--seed", "0"] + extra)
+            # (a small model: the default one at 256x256 and batch 64 is refused for its memory)
+            train_img.run(["--data", "celebahq", "--nbits", "5", "--nblocks", "2", "--idim", "8", "--batchsize", "2",
+                           "--val-batchsize", "2", "--dataroot", str(root), "--nworkers", "0", "--save", str(tmp_path / "c"),
+                           "--seed", "0"] + extra)
         out = capsys.readouterr().out
         assert ("dequantisation: exact" in out) == expected
     monkeypatch.undo()
@@ -264,9 +271,10 @@ def test_begin_epoch_starts_the_iteration_counter(tmp_path):
 # -- 7. --imagesize --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data,size", [("mnist", 32), ("cifar10", 32), ("svhn", 32), ("digits", 8)])
 def test_imagesize_defaults_to_32_for_paper_datasets(data, size):
-    cfg, _ = parse_args(["--data", data])
+    nblocks = ["--nblocks", "2-2"]  # (the default 16-16-16 needs more halvings than 8x8 digits allow)
+    cfg, _ = parse_args(["--data", data] + nblocks)
     assert model_config_from(cfg).input_size[1:] == (size, size)
-    cfg, _ = parse_args(["--data", data, "--imagesize", "16"])
+    cfg, _ = parse_args(["--data", data, "--imagesize", "16"] + nblocks)
     assert model_config_from(cfg).input_size[1:] == (16, 16)
 
 

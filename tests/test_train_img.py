@@ -182,7 +182,9 @@ def test_sample_grid(tmp_path, capsys):
     from PIL import Image
 
     img = Image.open(path)
-    assert img.size == (4 * 8 + 5 * 2, 3 * 8 + 4 * 2)  # 4 x 3 grid of 8x8 images, 2-pixel padding
+    # 4 x 3 grid of 8x8 images with 2-pixel padding, enlarged by nearest neighbour until the rows are at least
+    # 512 pixels wide (x16: 4 x 128 = 512)
+    assert img.size == (4 * 128 + 5 * 32, 3 * 128 + 4 * 32)
 
 
 # -- bad input: one line, non-zero exit, no traceback --------------------------------------------------------
@@ -235,5 +237,6 @@ def test_script_reports_errors_without_traceback(tmp_path):
     env = {**os.environ, "RESFLOWS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "train_img.py"), "--data", "digits", "--nblocks", "1-1-1",
                            "--save", str(tmp_path / "r")], capture_output=True, text=True, env=env)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a flag-only rule: refused when parsing
     assert proc.stderr.startswith("train_img.py: error:") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()
