@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from .checkpoint import CheckpointError, NonFiniteError, nonfinite_tensors
 from .config import ConfigError, ModelConfig, TrainConfig, validate_config
 
-__all__ = ["validated", "check_weights_fit"]
+__all__ = ["validated", "check_weights_fit", "check_fit_on_meta"]
 
 _COUNTERS = ("epoch", "batch_in_epoch", "itr", "step", "world_size")
 # Far beyond any run (10^12 steps), and small enough that seeds derived from a counter stay within 64 bits.
@@ -150,23 +150,30 @@ def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig
     no power iterations), after a count that rejects absurd block numbers before building anything."""
     from .model import ResidualFlow
 
-    sd = ckpt["model"]
     blocks = sum(model_config.nblocks) + (model_config.fc_nblocks if model_config.fc_end else 0)
-    if blocks > len(sd):  # every block owns at least one tensor
-        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(sd)} weight tensors; "
+    check_fit_on_meta(path, {"model": ckpt["model"], "EMA": ckpt.get("ema")}, blocks, lambda: ResidualFlow(model_config))
+
+
+def check_fit_on_meta(path: str, weights: Dict[str, Optional[dict]], blocks: int, build: Callable[[], Any]) -> None:
+    """Every state_dict in ``weights`` (by what it is: model, EMA) has the keys and shapes of the model ``build()``
+    makes, built on the ``meta`` device (nothing allocated), after a count that rejects a number of ``blocks``
+    the first state_dict cannot hold. Raises :class:`CheckpointError` naming ``path``."""
+    first = next(iter(weights.values()))
+    if blocks > len(first):  # every block owns at least one tensor
+        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(first)} weight tensors; "
                               f"the file is damaged")
     try:
         with torch.device("meta"):
-            reference = ResidualFlow(model_config).state_dict()
+            reference = build().state_dict()
     except (ConfigError, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
         # RuntimeError: sizes whose storage would overflow 64 bits ("Storage size calculation overflowed")
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-    for what, weights in (("model", sd), ("EMA", ckpt.get("ema"))):
-        if weights is None:
+    for what, sd in weights.items():
+        if sd is None:
             continue
-        missing = [k for k in reference if k not in weights]
-        unexpected = [k for k in weights if k not in reference]
-        wrong = [k for k in reference if k in weights and tuple(weights[k].shape) != tuple(reference[k].shape)]
+        missing = [k for k in reference if k not in sd]
+        unexpected = [k for k in sd if k not in reference]
+        wrong = [k for k in reference if k in sd and tuple(sd[k].shape) != tuple(reference[k].shape)]
         if missing or unexpected or wrong:
             detail = []
             if missing:
@@ -175,6 +182,7 @@ def check_weights_fit(path: str, ckpt: Dict[str, Any], model_config: ModelConfig
                 detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
             if wrong:
                 k = wrong[0]
-                detail.append(f"{len(wrong)} of the wrong shape, e.g. {k}: {list(weights[k].shape)} in the file, "
+                detail.append(f"{len(wrong)} of the wrong shape, e.g. {k}: {list(sd[k].shape)} in the file, "
                               f"{list(reference[k].shape)} in the model")
-            raise CheckpointError(f"{path}: its {what} weights do not fit this architecture ({'; '.join(detail)})")
+            whose = "its weights" if what == "model" else f"its {what} weights"
+            raise CheckpointError(f"{path}: {whose} do not fit this architecture ({'; '.join(detail)})")

@@ -17,7 +17,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["anderson_fixed_point"]
+__all__ = ["anderson_fixed_point", "anderson_weights"]
 
 
 @torch.no_grad()
@@ -50,20 +50,26 @@ def anderson_fixed_point(G: Callable[[Tensor], Tensor], y: Tensor, tol: Tensor, 
         if evals >= max_evals:
             return F[:, cur].reshape(shape), evals, False
         n = min(k + 1, m)
-        R = F[:, :n] - X[:, :n]  # residuals, [b, n, d]
-        # min_alpha ||sum_i alpha_i R_i|| subject to sum_i alpha_i = 1, per sample, via its KKT system.
-        H = torch.bmm(R, R.transpose(1, 2))
-        scale = H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(H.dtype).tiny)
-        H = H + lam * scale[:, None, None] * torch.eye(n, dtype=H.dtype, device=H.device)
-        A = H.new_zeros(b, n + 1, n + 1)
-        A[:, 0, 1:] = 1
-        A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = H
-        rhs = H.new_zeros(b, n + 1, 1)
-        rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]  # [b, n]
+        alpha = anderson_weights(F[:, :n] - X[:, :n], lam)  # [b, n]
         k += 1
         nxt = k % m
         X[:, nxt] = torch.bmm(alpha.unsqueeze(1), F[:, :n]).squeeze(1)
         F[:, nxt] = flat(G(X[:, nxt].reshape(shape)))
         evals += 1
+
+
+def anderson_weights(R: Tensor, lam: float) -> Tensor:
+    """The mixing weights [b, n] of Anderson acceleration from the residuals ``R`` [b, n, d] of the last n iterates:
+    min_alpha ||sum_i alpha_i R_i|| subject to sum_i alpha_i = 1, per sample, via its KKT system, with a Tikhonov
+    term ``lam`` times the mean squared residual norm."""
+    b, n = R.shape[:2]
+    H = torch.bmm(R, R.transpose(1, 2))
+    scale = H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(H.dtype).tiny)
+    H = H + lam * scale[:, None, None] * torch.eye(n, dtype=H.dtype, device=H.device)
+    A = H.new_zeros(b, n + 1, n + 1)
+    A[:, 0, 1:] = 1
+    A[:, 1:, 0] = 1
+    A[:, 1:, 1:] = H
+    rhs = H.new_zeros(b, n + 1, 1)
+    rhs[:, 0] = 1
+    return torch.linalg.solve(A, rhs)[:, 1:, 0]

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from . import linearize
+from .anderson import anderson_weights
 from .iresblock import InverseNotConvergedWarning, _basic_series_with_graph, _bcast, _dot, iResBlock
 from .jacobian import batch_jacobian, logabsdet
 
@@ -122,19 +123,7 @@ def solve_fixed_point(G: Callable[[Tensor], Tensor], x0: Tensor, atol: float, rt
             x = gx
             continue
         X, Gs = torch.stack(hist_x, 1), torch.stack(hist_g, 1)  # [b, n, d]
-        R = Gs - X
-        n = R.shape[1]
-        # min_alpha |sum_i alpha_i R_i| subject to sum_i alpha_i = 1, per sample (KKT system, Tikhonov-regularised).
-        H = torch.bmm(R, R.transpose(1, 2))
-        scale = H.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(H.dtype).tiny)
-        H = H + 1e-4 * scale[:, None, None] * torch.eye(n, dtype=H.dtype, device=H.device)
-        A = H.new_zeros(b, n + 1, n + 1)
-        A[:, 0, 1:] = 1
-        A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = H
-        rhs = H.new_zeros(b, n + 1, 1)
-        rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:]  # [b, n, 1]
+        alpha = anderson_weights(Gs - X, 1e-4)[..., None]  # [b, n, 1]
         x = (alpha * Gs).sum(1).reshape(shape)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..checkpoint import CheckpointError, NonFiniteError, atomic_save, nonfinite_tensors
+from ..checkpoint_checks import check_fit_on_meta
 from ..flags import ConfigError
 from ..layers.lipschitz import norm_order_gradients
 from ..layers.power import TOY_VALIDATION_ITERATIONS
@@ -296,24 +297,7 @@ def load_toy_model(path: str, map_location: Any = "cpu") -> ToyFlow:
     ckpt = load_toy_checkpoint(path, map_location)
     cfg = ToyConfig.from_dict(ckpt["config"])
     sd = ckpt["model"]
-    blocks = cfg.nblocks * (2 if cfg.arch == "realnvp" else 1)
-    if blocks > len(sd):  # every block owns at least one tensor
-        raise CheckpointError(f"{path}: its settings ask for {blocks} blocks but it holds only {len(sd)} weight tensors; "
-                              f"the file is damaged")
-    try:
-        with torch.device("meta"):
-            reference = build_toy_model(cfg).state_dict()
-    except (ConfigError, ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-    missing = [k for k in reference if k not in sd]
-    unexpected = [k for k in sd if k not in reference]
-    wrong = [k for k in reference if k in sd and tuple(sd[k].shape) != tuple(reference[k].shape)]
-    if missing or unexpected or wrong:
-        first = (f"{len(missing)} missing, e.g. {missing[0]}" if missing else
-                 f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else
-                 f"{len(wrong)} of the wrong shape, e.g. {wrong[0]}: {list(sd[wrong[0]].shape)} in the file, "
-                 f"{list(reference[wrong[0]].shape)} in the model")
-        raise CheckpointError(f"{path}: its weights do not fit the architecture its settings describe ({first})")
+    check_fit_on_meta(path, {"model": sd}, cfg.nblocks * (2 if cfg.arch == "realnvp" else 1), lambda: build_toy_model(cfg))
     model = build_toy_model(cfg)
     try:
         model.load_state_dict(sd, strict=True)
