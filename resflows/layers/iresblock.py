@@ -241,6 +241,7 @@ class iResBlock(FlowLayer):  # noqa: N801 - the paper's name
         if n_samples < 1:
             raise ValueError("n_samples must be >= 1")
         self.nnet = nnet
+        precision.mark_stream_output(nnet)  # its last map stays float32 under --precision bf16
         self.n_dist = n_dist
         # Frozen by design: present for state_dict compatibility with the paper's checkpoints.
         self.geom_p = nn.Parameter(torch.tensor(math.log(geom_p) - math.log(1.0 - geom_p), dtype=torch.float64), requires_grad=False)

@@ -208,7 +208,7 @@ def _linear_primal(m, x):
     dtype = precision.current_dtype()
     if dtype is not None:
         w, b, factor = precision.branch_weights(m, dtype)
-        return precision.rescale(F.linear(precision.to_compute(x, dtype), w), factor, b), _LowPrecision(w, factor)
+        return precision.rescale(F.linear(precision.to_compute(x, w.dtype), w), factor, b), _LowPrecision(w, factor)
     w = _weight(m)
     return F.linear(x, w, m.bias), w
 
@@ -223,7 +223,7 @@ def _linear_dual(m, x, t, data):
     dtype = precision.current_dtype()
     if dtype is not None:
         w, b, factor = precision.branch_weights(m, dtype, data if torch.is_tensor(data) else None)
-        low = lambda a: precision.to_compute(a, dtype)  # noqa: E731
+        low = lambda a: precision.to_compute(a, w.dtype)  # noqa: E731  (float32 for the stream's map)
         return precision.rescale(F.linear(low(x), w), factor, b), precision.rescale(F.linear(low(t), w), factor)
     w = _weight(m)
     return F.linear(x, w, m.bias), F.linear(t, w)
@@ -240,7 +240,7 @@ def _conv_primal(m, x):
     dtype = precision.current_dtype()
     if dtype is not None:
         w, b, factor = precision.branch_weights(m, dtype)
-        y = precision.rescale(F.conv2d(precision.to_compute(x, dtype), w, None, 1, m.padding), factor, b)
+        y = precision.rescale(F.conv2d(precision.to_compute(x, w.dtype), w, None, 1, m.padding), factor, b)
         return y, _LowPrecision(w.flip(2, 3).transpose(0, 1).contiguous(), factor, m.padding)
     w = _weight(m)
     # w^T J through a convolution with the flipped, transposed kernel: the same numbers as
@@ -260,7 +260,7 @@ def _conv_dual(m, x, t, data):
     dtype = precision.current_dtype()
     if dtype is not None:
         w, b, factor = precision.branch_weights(m, dtype, data if torch.is_tensor(data) else None)
-        low = lambda a: precision.to_compute(a, dtype)  # noqa: E731
+        low = lambda a: precision.to_compute(a, w.dtype)  # noqa: E731  (float32 for the stream's map)
         return (precision.rescale(F.conv2d(low(x), w, None, 1, m.padding), factor, b),
                 precision.rescale(F.conv2d(low(t), w, None, 1, m.padding), factor))
     w = _weight(m)
