@@ -376,14 +376,19 @@ class Trainer:
         with ctx, branch_dtype(compute_dtype(self.cfg.precision)):  # --precision bf16: the branches in bfloat16
             out = compute_loss(self.ddp, x, y, self.cfg, self.image_shape, self.nvals, self.beta())
             (out.loss / n_accum).backward()
-        m = {"loss": out.loss.item()}
+        # The logged numbers, copied to the host together: one synchronisation per step, whatever is logged.
+        parts = {"loss": out.loss}
         if out.bpd is not None:
-            m.update(bpd=out.bpd.mean().item(), logpz=out.logpz.mean().item(), neg_delta_logp=out.logdet.mean().item())
+            parts.update(bpd=out.bpd.mean(), logpz=out.logpz.mean(), neg_delta_logp=out.logdet.mean())
         if out.crossent is not None:
-            m.update(crossent=out.crossent.item(), acc=(out.logits.argmax(1) == y).float().mean().item())
+            parts.update(crossent=out.crossent, acc=(out.logits.argmax(1) == y).float().mean())
+        if out.logq is not None:
+            parts.update(logq=out.logq.mean())
+        values = torch.stack([v.detach().float().reshape(()) for v in parts.values()]).tolist()
+        m = dict(zip(parts, values))
         if out.logq is not None:
             # The bound's two parts in bits/dim: bpd = flow_bpd + beta * logq_bpd (flow: -log p(x + u), q: log q(u | x)).
-            logq_bpd = out.logq.mean().item() / (math.prod(self.image_shape) * math.log(2))
+            logq_bpd = m.pop("logq") / (math.prod(self.image_shape) * math.log(2))
             m.update(logq_bpd=logq_bpd, flow_bpd=m["bpd"] - self.beta() * logq_bpd)
         return m
 

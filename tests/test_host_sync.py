@@ -28,7 +28,7 @@ TORCH_OPTIM = os.path.join(os.path.dirname(torch.__file__), "optim")
 
 # (file, function) -> how many reads one step may make there, and why.
 FORWARD_BACKWARD = {
-    ("trainer.py", "forward_backward"): 4,  # the logged loss, bits/dim, log p(z), -delta log p
+    ("trainer.py", "forward_backward"): 1,  # the logged loss, bits/dim, log p(z), -delta log p: one copy
 }
 OPTIMIZE = {
     ("trainer.py", "optimize"): 2,  # the skip/stop decision (one read of both flags) and the logged grad norm
